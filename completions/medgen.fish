@@ -1,0 +1,1 @@
+complete --command medgen --no-files --arguments "(env _MEDGEN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) medgen)" --condition "env _MEDGEN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) medgen"

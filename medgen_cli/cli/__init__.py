@@ -1,0 +1,1 @@
+"""The command line: the only place typer/rich are imported."""

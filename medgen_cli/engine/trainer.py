@@ -1,0 +1,232 @@
+"""The diffusion training loop: AdamW, warm-up + cosine, clipping, EMA, validation, checkpoints.
+
+Exact resume: every random draw is keyed by (seed, step, sample) or (seed, epoch), the LR is a
+function of the step, and the state saved with a checkpoint (weights, EMA, optimizer tensors, step,
+epoch, position in the epoch) is all the loop has. So "train N" and "train N/2, stop, resume to N"
+give bit-identical weights on CPU. A SIGTERM/SIGUSR1 saves after the current step and raises
+`Interrupted` (exit 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..errors import InputError, Interrupted
+from ..runtime import autocast, keyed_generator, rand_keyed, randn_keyed
+from .ema import EMA
+from .logbook import Logbook
+from .schedule import lr_at
+
+log = logging.getLogger("medgen")
+
+# Stream ids keep the keyed random draws of different purposes apart.
+STREAM_SHUFFLE, STREAM_T, STREAM_NOISE, STREAM_VAL_T, STREAM_VAL_NOISE, STREAM_PREVIEW = range(1, 7)
+
+
+@dataclass
+class State:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # completed epochs
+    pos: int = 0  # batches done in the current epoch
+    best_val: float = math.inf
+    best_step: int = -1
+    last_val_step: int = -1
+
+
+def diffusion_loss(model, strategy, image, cond, u, noise):
+    """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t)."""
+    t = strategy.times_from_uniform(u)  # (B,)
+    x_t = strategy.noisy(image, noise, t)  # (B, C, ...)
+    target = strategy.target(image, noise, t)
+    pred = model(torch.cat([x_t, cond], dim=1), strategy.model_time(t))
+    return strategy.loss(pred.float(), target.float()), pred, x_t, t
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, strategy, train_ds, val_ds, cfg, run_dir: Path,
+                 config_json: str, device: torch.device, keep_last: int = 3):
+        self.model, self.strategy, self.cfg = model.to(device), strategy, cfg
+        self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
+        self.config_json = config_json
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                     weight_decay=cfg.weight_decay)
+        e = cfg.ema
+        self.ema = EMA(self.model, e.decay, e.start_step, e.every) if e.enabled else None
+        self.state = State()
+        self.steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+        self.book = Logbook(self.run_dir)
+
+    # ---- randomness -------------------------------------------------------------------------
+    def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
+        return [(self.cfg.seed, stream, step, j) for j in range(n)]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = keyed_generator(self.cfg.seed, STREAM_SHUFFLE, epoch)
+        return torch.randperm(len(self.train_ds), generator=g).tolist()
+
+    # ---- data -------------------------------------------------------------------------------
+    def _batch(self, indices: list[int]):
+        items = [self.train_ds[i] for i in indices]
+        image = torch.stack([it["image"] for it in items]).to(self.device)  # (B, C, ...)
+        cond = torch.stack([it["cond"] for it in items]).to(self.device)  # (B, C_cond, ...)
+        return image, cond
+
+    # ---- one optimizer step -----------------------------------------------------------------
+    def _step(self, image, cond) -> dict:
+        cfg, s = self.cfg, self.state.step
+        lr = lr_at(s, cfg.lr, self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.schedule, cfg.eta_min)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        b = image.shape[0]
+        u = rand_keyed(self._keys(STREAM_T, s, b), self.device)  # (B,)
+        noise = randn_keyed(tuple(image.shape[1:]), self._keys(STREAM_NOISE, s, b), self.device)
+        self.model.train()
+        with autocast(self.device, cfg.precision):
+            loss, *_ = diffusion_loss(self.model, self.strategy, image, cond, u, noise)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.state.step)
+        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(norm)}
+
+    # ---- validation -------------------------------------------------------------------------
+    def eval_model(self) -> nn.Module:
+        """The weights validation and previews use: EMA when on, else the raw model."""
+        if self.ema is None:
+            return self.model
+        if not hasattr(self, "_ema_model"):
+            import copy
+
+            self._ema_model = copy.deepcopy(self.model)
+        self.ema.copy_to(self._ema_model)
+        return self._ema_model
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean velocity/epsilon MSE and one-step x0 PSNR on the validation set, fixed draws."""
+        from ..metrics.image import psnr
+
+        model = self.eval_model().eval()
+        n = len(self.val_ds) if self.cfg.val_max_items is None else min(len(self.val_ds), self.cfg.val_max_items)
+        losses, psnrs, bs = [], [], self.cfg.batch_size
+        for start in range(0, n, bs):
+            idx = list(range(start, min(start + bs, n)))
+            items = [self.val_ds[i] for i in idx]
+            image = torch.stack([it["image"] for it in items]).to(self.device)
+            cond = torch.stack([it["cond"] for it in items]).to(self.device)
+            keys_t = [(self.cfg.seed, STREAM_VAL_T, i) for i in idx]
+            keys_n = [(self.cfg.seed, STREAM_VAL_NOISE, i) for i in idx]
+            u = rand_keyed(keys_t, self.device)
+            noise = randn_keyed(tuple(image.shape[1:]), keys_n, self.device)
+            with autocast(self.device, self.cfg.precision):
+                loss, pred, x_t, t = diffusion_loss(model, self.strategy, image, cond, u, noise)
+            x0 = self.strategy.x0_from(x_t.float(), pred.float(), t).clamp(0, 1)
+            losses.append(float(loss) * len(idx))
+            psnrs.append(psnr(x0, image).sum().item())
+        return {"val_loss": sum(losses) / n, "val_psnr": sum(psnrs) / n}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self) -> Path:
+        tensors, meta = ckpt.flatten_optimizer(self.opt.state_dict())
+        groups = {"model": self.model.state_dict(), "optimizer": tensors}
+        if self.ema is not None:
+            groups["ema"] = self.ema.shadow
+        state = {**asdict(self.state), "optimizer_meta": meta,
+                 "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed}
+        if math.isinf(state["best_val"]):
+            state["best_val"] = None
+        step_dir = ckpt.save_checkpoint(self.run_dir, self.state.step, self.state.epoch, groups, state,
+                                        self.config_json)
+        if self.state.best_step == self.state.step:
+            ckpt.set_pointer(self.run_dir, "BEST", step_dir)
+        ckpt.prune(self.run_dir, keep_last=self.cfg.keep_last)
+        self._saved_step = self.state.step
+        return step_dir
+
+    def resume(self, step_dir: Path) -> None:
+        model_sd = ckpt.load_group(step_dir, "model")
+        self.model.load_state_dict(model_sd)
+        import json
+
+        st = json.loads((Path(step_dir) / "trainer_state.json").read_text())
+        opt_tensors = ckpt.load_group(step_dir, "optimizer")
+        self.opt.load_state_dict(ckpt.unflatten_optimizer(opt_tensors, st["optimizer_meta"]))
+        if self.ema is not None:
+            if st.get("ema") is None:
+                raise InputError("cannot resume with EMA on: the checkpoint has no EMA weights", str(step_dir),
+                                 "resume with --set train.ema.enabled=false")
+            self.ema.load(ckpt.load_group(step_dir, "ema"), st["ema"])
+        best = st.get("best_val")
+        self.state = State(step=st["step"], epoch=st["epoch"], pos=st["pos"],
+                           best_val=math.inf if best is None else best, best_step=st["best_step"],
+                           last_val_step=st.get("last_val_step", -1))
+        self._saved_step = self.state.step
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _done(self) -> bool:
+        cap = self.cfg.max_steps
+        return self.state.epoch >= self.cfg.epochs or (cap is not None and self.state.step >= cap)
+
+    def _after_validation(self, metrics: dict) -> None:
+        st = self.state
+        st.last_val_step = st.step
+        self.book.log({"kind": "val", "step": st.step, "epoch": st.epoch, **metrics})
+        if 0 < metrics["val_loss"] < st.best_val:
+            st.best_val, st.best_step = metrics["val_loss"], st.step
+
+    def _epoch_end(self, preview) -> None:
+        st, cfg = self.state, self.cfg
+        st.epoch, st.pos = st.epoch + 1, 0
+        last = self._done()
+        if st.epoch % cfg.val_every == 0 or last:
+            self._after_validation(self.validate())
+        if preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last):
+            preview(self, st.epoch)
+        if st.epoch % cfg.ckpt_every == 0 or st.best_step == st.step or last:
+            self.save()
+
+    def fit(self, stop, preview=None) -> State:
+        """Train until `epochs` or `max_steps`; `stop.requested` saves and raises Interrupted."""
+        st, cfg = self.state, self.cfg
+        self.book.status("running", st)
+        t0 = time.time()
+        while not self._done():
+            perm = self._permutation(st.epoch)
+            while st.pos < self.steps_per_epoch and not self._done():
+                idx = perm[st.pos * cfg.batch_size:(st.pos + 1) * cfg.batch_size]
+                stats = self._step(*self._batch(idx))
+                st.pos += 1
+                if st.step % cfg.log_every == 0 or st.step == 1:
+                    rate = st.step / max(time.time() - t0, 1e-9)
+                    self.book.log({"kind": "train", "step": st.step, "epoch": st.epoch, **stats,
+                                   "steps_per_s": rate})
+                    self.book.status("running", st)
+                if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0:
+                    self.save()
+                if stop.requested:
+                    self.save()
+                    self.book.status("interrupted", st)
+                    raise Interrupted(f"training stopped by {stop.requested} at step {st.step}; state saved",
+                                      str(self.run_dir),
+                                      f"continue with: medgen train --resume --run-dir {self.run_dir}")
+            if st.pos >= self.steps_per_epoch:
+                self._epoch_end(preview)
+        if st.last_val_step != st.step:  # stopped by max_steps mid-epoch
+            self._after_validation(self.validate())
+        if getattr(self, "_saved_step", -1) != st.step:
+            self.save()
+        elif st.best_step == st.step:
+            ckpt.set_pointer(self.run_dir, "BEST", ckpt.resolve_step_dir(self.run_dir, "latest"))
+        self.book.status("done", st)
+        return st

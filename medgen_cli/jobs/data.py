@@ -1,0 +1,40 @@
+"""``medgen data``: thin jobs behind ``data synth``, ``data check`` and ``data prepare``.
+
+They validate the arguments a user types, call the data layer, and return what the CLI prints.
+No torch is imported here (``prepare`` imports MONAI lazily for the resize).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from ..data import layout, phantom, prepare as prepare_mod
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if int(value) < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {value}", where=f"--{name}")
+
+
+def synth(out, n_train: int = 6, n_val: int = 2, n_test: int = 2, size: int = 256, depth: int = 150,
+          seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a phantom dataset to ``out``; returns its path."""
+    for name, value in (("n-train", n_train), ("n-val", n_val), ("n-test", n_test), ("seed", seed)):
+        _positive(name, value, minimum=0)
+    _positive("size", size, 8)
+    _positive("depth", depth, 4)
+    return phantom.synth_dataset(out, n_train, n_val, n_test, size, depth, seed, overwrite=overwrite)
+
+
+def check(root, modalities=None, splits=None) -> list[layout.Problem]:
+    """Every problem of the dataset at ``root`` (errors and notices)."""
+    return layout.check_dataset(root, modalities=modalities, splits=splits)
+
+
+def prepare(raw, out, seed: int = 42, size: int = 256, depth: int = 150, compat_split: bool = False) -> Path:
+    """Convert the raw BrainMetShare release at ``raw`` into the medgen layout at ``out``."""
+    _positive("size", size, 8)
+    _positive("depth", depth, 1)
+    return prepare_mod.prepare_brainmetshare(raw, out, seed=seed, size=size, depth=depth,
+                                             compat_split=compat_split)

@@ -1,0 +1,209 @@
+"""Where and how computation runs: device, precision, counter-based randomness, signals, memory.
+
+Randomness (CONTRACTS.md "Randomness"). Every random draw that matters for results comes from a
+``torch.Generator`` seeded by :func:`keyed_seed` of a tuple of integers, e.g. ``(seed, step, index,
+stream)`` in training and ``(seed, index)`` in sampling. No global RNG is consulted, so the draw for a
+given key does not depend on batch composition, resume point or data-parallel rank.
+
+:func:`randn_keyed` and :func:`rand_keyed` always draw on the CPU in float32 and then move/cast the
+result. A CUDA generator produces a different stream from a CPU generator with the same seed; drawing
+on the CPU makes CPU and GPU runs see the very same numbers. The cost (one small host→device copy
+per batch) is negligible next to a network forward pass.
+
+Everything here is a leaf below the other torch modules (ARCHITECTURE.md "Dependency direction").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+import torch
+
+from .errors import ConfigError, ResourceError, UsageError, did_you_mean
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, the splitmix64 increment
+
+
+# --------------------------------------------------------------------------- counter-based randomness
+
+
+def _mix64(z: int) -> int:
+    """The splitmix64 finaliser: a bijection on 64-bit integers with good avalanche."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _check_key(key) -> int:
+    """A key must be a plain non-negative integer below 2**64 (bool is refused: it is a mistake)."""
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"keyed_seed keys must be int, got {type(key).__name__} {key!r}")
+    if not 0 <= key <= _MASK64:
+        raise ValueError(f"keyed_seed keys must be in [0, 2**64), got {key}")
+    return key
+
+
+def keyed_seed(*keys: int) -> int:
+    """Mix a sequence of non-negative integers into one 63-bit seed (splitmix64 chaining).
+
+    The state starts as ``mix64(golden · (len + 1))`` (so ``(1,)`` and ``(1, 0)`` differ), then absorbs
+    each key as ``state = mix64((state + golden) xor key)`` (a bijection in the key, so two keys that
+    differ in one position never collide before the final 63-bit truncation). Pure Python integers: the result
+    is the same in every process and on every platform (``hash()`` is never used).
+    """
+    state = _mix64((_GOLDEN * (len(keys) + 1)) & _MASK64)
+    for key in keys:
+        state = _mix64(((state + _GOLDEN) & _MASK64) ^ _check_key(key))
+    return state >> 1  # 63 bits: fits torch's signed 64-bit seed
+
+
+def keyed_generator(*keys: int, device="cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``keyed_seed(*keys)``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(keyed_seed(*keys))
+    return gen
+
+
+def randn_keyed(shape, keys, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise ``(B, *shape)``; sample ``i`` comes from its own generator ``keys[i]``.
+
+    Drawn on the CPU in float32 and then moved to ``device`` and cast to ``dtype``, so the numbers do
+    not depend on the device (see the module docstring) and sample ``i`` is the same whatever else is
+    in the batch.
+    """
+    draws = [torch.randn(tuple(shape), generator=keyed_generator(*k)) for k in keys]  # B × shape
+    if not draws:
+        return torch.empty((0, *shape), device=device, dtype=dtype)
+    return torch.stack(draws).to(device=device, dtype=dtype)  # (B, *shape)
+
+
+def rand_keyed(keys, device="cpu") -> torch.Tensor:
+    """Uniform draws in the open interval (0, 1), one per key: float32 ``(B,)``.
+
+    ``torch.rand`` gives multiples of 2**-24 in [0, 1 - 2**-24]; an exact 0 (probability 2**-24) is
+    replaced by 2**-25 so that logit/log transforms never see 0 or 1. Drawn on the CPU like
+    :func:`randn_keyed`.
+    """
+    draws = [torch.rand((), generator=keyed_generator(*k)) for k in keys]
+    u = torch.stack(draws) if draws else torch.empty(0)  # (B,)
+    u = torch.where(u > 0, u, torch.full_like(u, 2.0**-25))
+    return u.to(device)
+
+
+# --------------------------------------------------------------------------- device and precision
+
+_DEVICE_HINT = "run on a GPU node, or pass --device cpu (or auto) to run on the CPU"
+
+
+def _cuda_device(pref: str) -> torch.device:
+    """``cuda`` / ``cuda:N`` after checking that such a GPU exists (else exit 5)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ResourceError(f"device '{pref}' requested but no CUDA GPU is visible", "--device",
+                            hint=_DEVICE_HINT)
+    dev = torch.device(pref)
+    if dev.index is not None and dev.index >= count:
+        raise ResourceError(f"device '{pref}' requested but only {count} GPU(s) are visible "
+                            f"(cuda:0..cuda:{count - 1})", "--device", hint="pick an existing GPU index")
+    return dev
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """Resolve ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` to a ``torch.device``.
+
+    ``auto`` takes the first GPU when one is visible, else the CPU. Asking for a GPU that is not
+    there is a ResourceError (exit 5); an unknown name is a UsageError (exit 2).
+    """
+    pref = str(pref).strip().lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda" or (pref.startswith("cuda:") and pref[5:].isdigit()):
+        return _cuda_device(pref)
+    raise UsageError(f"unknown device '{pref}', expected auto, cpu, cuda or cuda:N", "--device",
+                     hint=did_you_mean(pref, ["auto", "cpu", "cuda"]) or "use auto, cpu, cuda or cuda:0")
+
+
+def autocast(device, precision: str = "fp32"):
+    """A context manager for the forward pass at ``precision`` (``bf16`` | ``fp32``).
+
+    ``bf16`` is bfloat16 autocast on CUDA. On the CPU, and for ``fp32`` everywhere, it is a
+    ``nullcontext`` (plain fp32): CPU bf16 autocast is slow and only used for smoke runs here.
+    """
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"unknown precision '{precision}', expected bf16 or fp32", "precision",
+                          hint=did_you_mean(precision, ["bf16", "fp32"]) or "use bf16 or fp32")
+    dev = torch.device(device)
+    if precision == "bf16" and dev.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_deterministic() -> None:
+    """Ask torch for deterministic kernels (same numbers run to run on one machine).
+
+    ``warn_only=True``: an op without a deterministic implementation warns instead of failing. cuBLAS
+    needs a fixed workspace for determinism, so ``CUBLAS_WORKSPACE_CONFIG`` is set unless the user set
+    it. Thread counts are left alone (CPU kernels here are deterministic for a given thread count).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def memory_peak(device) -> int:
+    """Peak memory in bytes: CUDA ``max_memory_allocated`` on a GPU, the process's max RSS on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(dev))
+    import resource  # POSIX only; imported here so that the module imports everywhere
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _stop_signals() -> list[signal.Signals]:
+    names = ("SIGTERM", "SIGUSR1", "SIGINT")
+    return [getattr(signal, n) for n in names if hasattr(signal, n)]
+
+
+class StopSignals:
+    """Turn SIGTERM / SIGUSR1 / SIGINT into a request to stop at the next safe point.
+
+    Inside ``with StopSignals() as stop:`` a signal sets ``stop.requested`` to its name (e.g.
+    ``"SIGUSR1"``, what SLURM sends before the wall time) instead of killing the process; the loop
+    checks it, saves, and raises ``Interrupted``. A second SIGINT while a stop is pending raises
+    ``KeyboardInterrupt`` so that an impatient Ctrl-C still works. Previous handlers are restored on
+    exit. Python only lets the main thread install handlers; elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.requested = name
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in _stop_signals():
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous.clear()

@@ -1,0 +1,1 @@
+"""Shipped presets (TOML), installed as the `medgen_cli.presets` resource package."""

@@ -1,0 +1,164 @@
+"""Counter-based randomness, device/precision choice, stop signals, memory peak."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import pytest
+import torch
+
+from medgen_cli import runtime as rt
+from medgen_cli.errors import ConfigError, ResourceError, UsageError
+
+# --------------------------------------------------------------------------- keyed randomness
+
+
+def test_keyed_seed_is_deterministic_and_63_bit():
+    seeds = [rt.keyed_seed(42, step, i) for step in range(50) for i in range(20)]
+    assert seeds == [rt.keyed_seed(42, step, i) for step in range(50) for i in range(20)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_keyed_seed_golden_values():
+    """Fixed numbers: any process, any platform, any PYTHONHASHSEED gives these (no hash())."""
+    assert rt.keyed_seed() == 8147104208329303767
+    assert rt.keyed_seed(0) == 2547805098422156800
+    assert rt.keyed_seed(42, 7, 3) == 7876198090319152910
+    assert rt.keyed_seed(2**64 - 1) == 4399922209440921945
+
+
+def test_keyed_seed_is_sensitive_to_value_order_and_length():
+    base = rt.keyed_seed(1, 2, 3)
+    variants = [rt.keyed_seed(1, 2, 4), rt.keyed_seed(3, 2, 1), rt.keyed_seed(1, 2), rt.keyed_seed(1, 2, 3, 0),
+                rt.keyed_seed(0, 1, 2, 3), rt.keyed_seed(2**64 - 1, 2, 3)]
+    assert base not in variants and len(set(variants)) == len(variants)
+    flips = bin(rt.keyed_seed(5, 0) ^ rt.keyed_seed(5, 1)).count("1")
+    assert 16 < flips < 48  # avalanche: about half of the 63 bits change
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 1.5, True, "3"])
+def test_keyed_seed_rejects_bad_keys(bad):
+    with pytest.raises((TypeError, ValueError)):
+        rt.keyed_seed(1, bad)
+
+
+def test_keyed_generator_matches_manual_seed():
+    gen = rt.keyed_generator(9, 9)
+    ref = torch.Generator().manual_seed(rt.keyed_seed(9, 9))
+    assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=ref))
+
+
+def test_randn_keyed_sample_does_not_depend_on_batch():
+    keys = [(42, 10, i) for i in range(6)]
+    full = rt.randn_keyed((2, 4, 4), keys, "cpu")  # (6, 2, 4, 4)
+    part = rt.randn_keyed((2, 4, 4), [keys[4], keys[1]], "cpu")
+    assert full.shape == (6, 2, 4, 4) and full.dtype == torch.float32
+    assert torch.equal(part[0], full[4]) and torch.equal(part[1], full[1])
+    assert not torch.equal(full[0], full[1])
+    torch.manual_seed(0)  # the global RNG plays no part
+    assert torch.equal(rt.randn_keyed((2, 4, 4), keys, "cpu"), full)
+
+
+def test_randn_keyed_3d_shape_and_dtype():
+    noise = rt.randn_keyed((1, 3, 4, 4), [(1, 2)], "cpu", dtype=torch.bfloat16)
+    assert noise.shape == (1, 1, 3, 4, 4) and noise.dtype == torch.bfloat16
+    assert rt.randn_keyed((1, 4, 4), [], "cpu").shape == (0, 1, 4, 4)
+
+
+def test_rand_keyed_open_interval_and_batch_independence():
+    keys = [(3, i) for i in range(2000)]
+    u = rt.rand_keyed(keys, "cpu")
+    assert u.shape == (2000,) and u.dtype == torch.float32
+    assert bool((u > 0).all() and (u < 1).all())
+    assert torch.equal(rt.rand_keyed(keys[7:9], "cpu"), u[7:9])
+    assert abs(float(u.mean()) - 0.5) < 0.03
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def test_pick_device():
+    assert rt.pick_device("cpu") == torch.device("cpu")
+    assert rt.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UsageError) as info:
+        rt.pick_device("gpu")
+    assert info.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+@pytest.mark.parametrize("pref", ["cuda", "cuda:1"])
+def test_pick_device_without_gpu_is_a_resource_error(pref):
+    with pytest.raises(ResourceError) as info:
+        rt.pick_device(pref)
+    assert info.value.code == 5 and "no CUDA GPU" in info.value.what and info.value.hint
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_on_cpu_is_plain_fp32():
+    for precision in ("bf16", "fp32"):
+        with rt.autocast("cpu", precision):
+            out = torch.nn.Linear(3, 2)(torch.randn(4, 3))
+        assert out.dtype == torch.float32
+    assert isinstance(rt.autocast("cuda", "fp32"), contextlib.nullcontext)
+    assert isinstance(rt.autocast("cuda", "bf16"), torch.autocast)
+    with pytest.raises(ConfigError) as info:
+        rt.autocast("cpu", "fp16")
+    assert info.value.code == 3
+
+
+def test_set_deterministic_leaves_threads_alone():
+    threads = torch.get_num_threads()
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        rt.set_deterministic()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_memory_peak_cpu():
+    assert rt.memory_peak("cpu") > 10 * 2**20  # a Python process with torch uses more than 10 MiB
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_stop_signals_set_flag_and_restore_handlers():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    with rt.StopSignals() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_second_sigint_still_interrupts():
+    with rt.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_stop_signals_outside_main_thread_install_nothing():
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def work():
+        with rt.StopSignals():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [before]
