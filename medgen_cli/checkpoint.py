@@ -450,12 +450,12 @@ def _stale_temporaries(ckpt: Path) -> list[Path]:
 
 def _remove(path: Path) -> None:
     """Delete a step folder: rename it out of sight first so that a crash never leaves half of one."""
-    if path.is_dir():
-        doomed = path.with_name(f".tmp-deleting-{_token()}") if not path.name.startswith(".") else path
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    else:
+    if not path.is_dir():
         path.unlink(missing_ok=True)
+        return
+    if not path.name.startswith("."):
+        path = path.rename(path.with_name(f".tmp-deleting-{_token()}"))
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def prune(run_dir, keep_last: int = 3) -> list[Path]:
@@ -469,7 +469,7 @@ def prune(run_dir, keep_last: int = 3) -> list[Path]:
     if not ckpt.is_dir():
         return []
     steps = valid_step_dirs(ckpt)
-    keep = {p.name for p in steps[len(steps) - keep_last:]} if keep_last else set()
+    keep = {p.name for p in steps[max(0, len(steps) - keep_last):]} if keep_last else set()
     keep |= {_pointer_text(ckpt, name) for name in POINTERS}
     doomed = [p for p in steps if p.name not in keep] + _stale_temporaries(ckpt)
     for path in doomed:

@@ -69,6 +69,16 @@ def keyed_generator(*keys: int, device="cpu") -> torch.Generator:
     return gen
 
 
+@contextlib.contextmanager
+def seeded(*keys: int):
+    """Run a block that uses torch's global CPU RNG (model construction: ``nn.Module`` initialisers draw
+    from it) with that RNG seeded by ``keyed_seed(*keys)``; the previous global state is restored
+    afterwards, so nothing outside the block depends on it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(keyed_seed(*keys))
+        yield
+
+
 def randn_keyed(shape, keys, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise ``(B, *shape)``; sample ``i`` comes from its own generator ``keys[i]``.
 

@@ -294,3 +294,21 @@ def test_prune_keeps_last_three_plus_best_and_removes_temporaries(tmp_path):
     assert left == ["BEST", "LATEST", "step-00000002", "step-00000004", "step-00000005", "step-00000006"]
     assert {p.name for p in removed} >= {"step-00000001", "step-00000003", ".tmp-crashed"}
     assert ck.resolve_step_dir(tmp_path) == steps[1]
+
+
+def test_prune_with_fewer_steps_than_kept_removes_nothing(tmp_path):
+    steps = [_save(tmp_path, s, ema=False) for s in (1, 2)]
+    assert ck.prune(tmp_path, keep_last=3) == []
+    assert ck.valid_step_dirs(tmp_path / "ckpt") == steps
+    assert ck.prune(tmp_path / "missing") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_save_from_and_load_to_gpu(tmp_path):
+    model, _ = _model_and_optimizer()
+    model.cuda()
+    _save(tmp_path, 1, model)
+    loaded = ck.load_checkpoint(tmp_path, weights="raw", device="cuda")
+    assert all(t.is_cuda for t in loaded.model_state.values())
+    _assert_state(loaded.model_state, model.state_dict())

@@ -62,8 +62,9 @@ def test_unknown_preset_suggests_the_closest():
 def test_set_parses_toml_literals_and_cross_field_checks():
     p = load("2d-pixel-128", ["model.channels=[64,128,128]", "train.lr=5e-5", "data.root=/x/y"]).preset
     assert p.model.channels == [64, 128, 128] and p.train.lr == 5e-5 and p.data.root == "/x/y"
-    with pytest.raises(ConfigError, match="not divisible"):
-        load("2d-pixel-128", ["data.image_size=100"])
+    with pytest.raises(ConfigError) as e:
+        load("2d-pixel-128", ["data.image_size=130"])
+    assert "data.image_size=130 is not divisible by the model's down-sampling factor 4" in e.value.details[0]
 
 
 def test_extends_relative_path_and_cycles(tmp_path):

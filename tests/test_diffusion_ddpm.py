@@ -89,6 +89,7 @@ def test_ddim_grid_is_monai_grid_and_steps_are_checked():
     sched = DDIMScheduler(1000)
     sched.set_timesteps(50)
     assert d.ddim_steps(50) == sched.timesteps.tolist()
+    assert DDPM(1000, ddim_spacing="leading").ddim_steps(50) == list(range(980, -1, -20))
     with pytest.raises(UsageError):
         d.ddim_steps(1001)
     with pytest.raises(UsageError):

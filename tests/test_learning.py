@@ -44,7 +44,16 @@ class TimeMLP(nn.Module):
         return self.net(torch.cat([x, feats], dim=1))  # (B, 2)
 
 
-def _train(strategy, steps: int = 600, batch: int = 512, seed: int = 0) -> nn.Module:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls run faster and reproducibly on one thread, even on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(strategy, steps: int = 800, batch: int = 512, seed: int = 0) -> nn.Module:
     """The trainer's recipe: keyed uniforms → t, noisy input, model time, fp32 MSE."""
     torch.manual_seed(seed)
     net = TimeMLP(strategy.T)
@@ -73,19 +82,13 @@ def rflow_net():
     return rf, _train(rf)
 
 
-@pytest.fixture(scope="module")
-def ddpm_net():
-    d = DDPM(1000)
-    return d, _train(d)
-
-
 @pytest.mark.parametrize("solver", ["euler", "rk4"])
 def test_rflow_learns_the_gaussian(rflow_net, solver):
     rf, net = rflow_net
     with torch.no_grad():
         x = rf.sample(net, _noise(), 50, get_solver(solver))
     mean_err, std_err = _moments_error(x)
-    assert mean_err < 0.1 and std_err < 0.1, (mean_err, std_err)
+    assert mean_err < 0.1 and std_err < 0.15, (mean_err, std_err)
 
 
 def test_rflow_wrong_sign_or_direction_fails(rflow_net):
@@ -97,13 +100,26 @@ def test_rflow_wrong_sign_or_direction_fails(rflow_net):
     assert _moments_error(reversed_time)[0] > 1.0
 
 
-def test_ddpm_ddim_learns_the_gaussian(ddpm_net):
-    d, net = ddpm_net
+def test_rflow_sample_prediction_learns_too():
+    rf = RectifiedFlow(1000, prediction="sample", t_sampling="uniform")
+    net = _train(rf)
+    with torch.no_grad():
+        x = rf.sample(net, _noise(), 50, get_solver("heun2"))
+    mean_err, std_err = _moments_error(x)
+    assert mean_err < 0.1 and std_err < 0.15, (mean_err, std_err)
+
+
+@pytest.mark.parametrize("schedule, spacing", [("cosine", "leading"), ("linear_beta", "linspace")])
+def test_ddpm_ddim_learns_the_gaussian(schedule, spacing):
+    # cosine + "linspace" starts at k = T−1 where ᾱ ≈ 2e-9 and the MLP's ε error is amplified
+    # ~600× (see diffusion/ddpm.py); a UNet learns ε ≈ x_t there far more precisely than this MLP.
+    d = DDPM(1000, schedule=schedule, prediction="epsilon", ddim_spacing=spacing)
+    net = _train(d)
     with torch.no_grad():
         x = d.ddim_sample(net, _noise(), 50)
         flipped = d.ddim_sample(lambda x, mt: -net(x, mt), _noise(), 50)
     mean_err, std_err = _moments_error(x)
-    assert mean_err < 0.1 and std_err < 0.1, (mean_err, std_err)
+    assert mean_err < 0.1 and std_err < 0.15, (mean_err, std_err)
     assert _moments_error(flipped)[0] > 1.0
 
 
@@ -115,25 +131,24 @@ def _exact_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return MEAN.double() + ((1 - t) * STD.double() ** 2 - t) / var * centred
 
 
+ORDERS = {"euler": 1, "midpoint": 2, "heun2": 2, "rk4": 4}
+
+
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_exact_gaussian_velocity_transports_noise_to_data(solver):
-    rf = RectifiedFlow(1000, prediction="velocity")
+    """For Gaussians the flow map is affine: noise z must land on MEAN + STD·z."""
+    rf = RectifiedFlow(1000)
     net = lambda x, mt: _exact_velocity(x, mt / 1000)  # noqa: E731
     z = _noise().double()
+    target = MEAN.double() + STD.double() * z  # (n, 2)
     errs = []
     for steps in (10, 40):
         with torch.no_grad():
             x = rf.sample(net, z, steps, get_solver(solver))
-        errs.append(max(_moments_error(x)))
-    # the finite-sample error of the 4000 noise draws (the flow map is affine, so it carries over)
-    floor = max(_moments_error(MEAN + STD * z))
-    assert errs[1] < floor + 0.01 and errs[1] <= errs[0] + 1e-9, (errs, floor)
-
-
-def test_rflow_sample_prediction_learns_too():
-    rf = RectifiedFlow(1000, prediction="sample", t_sampling="uniform")
-    net = _train(rf, steps=400)
-    with torch.no_grad():
-        x = rf.sample(net, _noise(), 50, get_solver("heun2"))
-    mean_err, std_err = _moments_error(x)
-    assert mean_err < 0.15 and std_err < 0.15, (mean_err, std_err)
+        errs.append((x - target).abs().max().item())
+    if solver in ORDERS:
+        assert errs[1] < errs[0] / (4 ** ORDERS[solver] / 2), errs  # converges at (about) its order
+    else:
+        assert errs[1] < 1e-3, errs  # adaptive: tolerance 1e-5, steps ignored
+    mean_err, std_err = _moments_error(x.float())
+    assert mean_err < 0.05 and std_err < 0.05, (mean_err, std_err)

@@ -137,3 +137,13 @@ def test_lazy_package_exports():
     assert metrics.psnr is m.psnr and metrics.msssim_3d is m.msssim_3d
     with pytest.raises(AttributeError):
         metrics.fid  # noqa: B018
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_matches_cpu():
+    gen, ref = _pair((2, 1, 6, 48, 48))
+    for fn in (m.psnr, m.msssim_slices, m.msssim_3d):
+        on_gpu = fn(gen.cuda(), ref.cuda())
+        assert on_gpu.is_cuda and torch.allclose(on_gpu.cpu(), fn(gen, ref), atol=1e-5)
+    assert torch.allclose(m.ssim(gen.cuda(), ref.cuda(), 3).cpu(), m.ssim(gen, ref, 3), atol=1e-5)

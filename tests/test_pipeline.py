@@ -72,10 +72,11 @@ def test_same_index_same_sample_whatever_the_batch(cli, tiny_preset, phantom_roo
 
 def test_chain_demo_small_and_resumable(cli, tmp_path):
     """The demo chain with a shrunken model and data: every stage runs, a rerun redoes nothing,
-    and the trained model beats its untrained self on the one-step PSNR."""
+    and the trained model beats its untrained self on the one-step PSNR (the full-size demo's margin
+    is checked by the slow test below)."""
     d = tmp_path / "chain"
     small = ["--set", "chain.synth.size=32", "--set", "chain.synth.depth=16", "--set", "data.image_size=16",
-             "--set", "model.channels=[8,16,16]", "--set", "model.num_head_channels=8",
+             "--set", "model.channels=[8,16,16]", "--set", "model.num_head_channels=8", "--set", "model.norm_num_groups=8",
              "--set", "model.attention_levels=[false,false,true]", "--set", "train.epochs=6",
              "--set", "sample.n=2", "--set", "train.ema.start_step=1", "--set", "train.preview_every=0"]
     r = cli("chain", "--preset", "demo", "--dir", d, *small)
@@ -87,7 +88,7 @@ def test_chain_demo_small_and_resumable(cli, tmp_path):
     assert r2.code == 0 and "already done" in r2.err
     evals = [json.loads(x) for x in (d / "run" / "eval.jsonl").read_text().splitlines()]
     trained = [e["value"] for e in evals if e["name"] == "psnr"][0]
-    assert trained > _untrained_psnr(d / "run") + 3.0
+    assert trained > _untrained_psnr(d / "run") + 0.5
 
 
 def _untrained_psnr(run) -> float:
@@ -103,3 +104,17 @@ def _untrained_psnr(run) -> float:
     ds = build.build_dataset(preset, "val")
     scores = one_step_scores("psnr", build.build_model(preset), preset, ds, torch.device("cpu"), len(ds))
     return float(np.mean(scores["psnr"]))
+
+
+@pytest.mark.slow
+def test_full_demo_learns(tmp_path):
+    """`medgen chain --preset demo` exactly as the README runs it (a subprocess, default sizes)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "medgen_cli", "chain", "--preset", "demo"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "demo-chain" / "run"
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    trained = [e["value"] for e in evals if e["name"] == "psnr"][0]
+    assert trained > _untrained_psnr(run) + 3.0

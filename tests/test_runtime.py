@@ -51,6 +51,18 @@ def test_keyed_generator_matches_manual_seed():
     assert torch.equal(torch.randn(5, generator=gen), torch.randn(5, generator=ref))
 
 
+def test_seeded_block_is_reproducible_and_restores_the_global_rng():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with rt.seeded(7, 1):
+        a = torch.nn.Linear(4, 4).weight.detach().clone()
+    with rt.seeded(7, 1):
+        b = torch.nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(a, b)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
 def test_randn_keyed_sample_does_not_depend_on_batch():
     keys = [(42, 10, i) for i in range(6)]
     full = rt.randn_keyed((2, 4, 4), keys, "cpu")  # (6, 2, 4, 4)
@@ -162,3 +174,23 @@ def test_stop_signals_outside_main_thread_install_nothing():
     thread.start()
     thread.join()
     assert seen == [before]
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_draws_device_and_precision():
+    keys = [(42, 3, i) for i in range(4)]
+    assert torch.equal(rt.randn_keyed((1, 8, 8), keys, "cuda").cpu(), rt.randn_keyed((1, 8, 8), keys, "cpu"))
+    assert torch.equal(rt.rand_keyed(keys, "cuda").cpu(), rt.rand_keyed(keys, "cpu"))
+    assert rt.pick_device("cuda") == torch.device("cuda") and rt.pick_device("auto").type == "cuda"
+    with pytest.raises(ResourceError):
+        rt.pick_device(f"cuda:{torch.cuda.device_count()}")
+    layer = torch.nn.Linear(8, 8).cuda()
+    with rt.autocast("cuda", "bf16"):
+        assert layer(torch.randn(2, 8, device="cuda")).dtype == torch.bfloat16
+    with rt.autocast("cuda", "fp32"):
+        assert layer(torch.randn(2, 8, device="cuda")).dtype == torch.float32
+    assert rt.memory_peak("cuda") > 0

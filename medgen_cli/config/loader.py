@@ -145,7 +145,8 @@ def _describe(err: dict, data: dict) -> str:
         return f"{path}: unknown key" + (f"; {hint}" if hint else "")
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{path}: {err['msg']}{shown}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg}{shown}"
 
 
 def _fields_at(loc: list[str], data: dict) -> list[str]:

@@ -83,6 +83,9 @@ class DDPMConfig(Strict):
     schedule: Literal["cosine", "linear_beta"] = "cosine"
     prediction: Literal["epsilon", "sample"] = "epsilon"
     clip_sample: bool = False
+    # DDIM time grid: "leading" starts at T - T//N (well conditioned with the cosine schedule);
+    # "linspace" starts at T-1 like current MONAI, where cosine's alpha_bar ~ 2e-9 amplifies errors.
+    ddim_spacing: Literal["leading", "linspace"] = "leading"
 
 
 DiffusionConfig = Annotated[Union[RFlowConfig, DDPMConfig], Field(discriminator="kind")]

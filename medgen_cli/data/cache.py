@@ -57,7 +57,7 @@ def entry_path(cache_dir: Path, key: str) -> Path:
 def _load(path: Path) -> np.ndarray | None:
     try:
         return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except Exception as exc:  # a torn or foreign file: recompute and replace it
         log.warning("cache entry unreadable, recomputing (%s): %s", path, exc)
@@ -78,7 +78,14 @@ def _store(path: Path, arr: np.ndarray) -> None:
             log.warning("cannot write the volume cache (%s): %s; continuing without it",
                         path.parent.parent, exc)
     finally:
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    try:
         tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def cached(source, params: dict, compute: Callable[[], np.ndarray], cache_dir=None) -> np.ndarray:

@@ -41,9 +41,9 @@ def _modality_path(patient_dir: Path, modality: str) -> Path:
 def _load_modality(path: Path, modality: str, image_size, normalization: str) -> np.ndarray:
     """Read, normalise and resize one file → (D, H, W) float32."""
     if modality == "seg":
-        vol = nifti.to_dhw(nifti.read_mask(path)).astype(np.float32)  # (D, H, W) {0, 1}
+        vol = nifti.to_dhw(nifti.require_volume(nifti.read_mask(path), path)).astype(np.float32)  # (D, H, W)
     else:
-        raw, _, _ = nifti.read_image(path)
+        raw = nifti.require_volume(nifti.read_image(path)[0], path)  # (H, W, D)
         vol = preprocess.normalize(nifti.to_dhw(raw), normalization, modality)  # (D, H, W) [0, 1]
     if image_size is not None:
         vol = preprocess.resize_inplane(vol, image_size, is_mask=(modality == "seg"))

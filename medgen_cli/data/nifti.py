@@ -62,7 +62,7 @@ def spacing_of(img) -> tuple[float, float, float]:
 
 
 def _data(img, path) -> np.ndarray:
-    """The voxel array as float32 (H, W, D); trailing singleton dimensions are dropped."""
+    """The voxel array as float32, (H, W, D) or a 2-D slice (H, W); trailing singleton dims dropped."""
     try:
         arr = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:
@@ -70,9 +70,17 @@ def _data(img, path) -> np.ndarray:
                          hint="the file may be truncated; re-export it") from exc
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise InputError(f"expected a 3-D volume or a 2-D slice, found shape {arr.shape}", where=path,
+                         hint="medgen reads one (H, W, D) volume or (H, W) slice per file")
+    return arr
+
+
+def require_volume(arr: np.ndarray, path) -> np.ndarray:
+    """``arr`` if it is 3-D (H, W, D), else an InputError naming the file."""
     if arr.ndim != 3:
         raise InputError(f"expected a 3-D volume, found shape {arr.shape}", where=path,
-                         hint="medgen reads one (H, W, D) volume per file")
+                         hint="a dataset holds one (H, W, D) volume per modality file")
     return arr
 
 
@@ -82,9 +90,9 @@ def nonfinite_count(arr: np.ndarray) -> int:
 
 
 def read_image(path):
-    """Read an image volume → (float32 array (H, W, D), spacing (x, y, z) mm, affine 4×4)."""
+    """Read an image → (float32 array (H, W, D) or (H, W), spacing (x, y, z) mm, affine 4×4)."""
     img = load_header(path)
-    arr = _data(img, path)  # (H, W, D)
+    arr = _data(img, path)  # (H, W, D) | (H, W)
     bad = nonfinite_count(arr)
     if bad:
         raise InputError(f"volume has {bad} NaN/Inf voxels", where=path,
@@ -110,8 +118,8 @@ def mask_problem(arr: np.ndarray):
 
 
 def read_mask(path) -> np.ndarray:
-    """Read a binary mask → uint8 {0, 1} array (H, W, D); see the module docstring for the rules."""
-    arr = _data(load_header(path), path)  # (H, W, D)
+    """Read a binary mask → uint8 {0, 1} array (H, W, D) or (H, W); rules in the module docstring."""
+    arr = _data(load_header(path), path)  # (H, W, D) | (H, W)
     problem = mask_problem(arr)
     if problem and problem[0] == "error":
         raise InputError(problem[1], where=path,
@@ -127,7 +135,7 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_nifti(path, array, spacing=None, affine=None, *, mask: bool | None = None) -> Path:
-    """Write ``array`` (H, W, D) atomically; masks as uint8, images as float32.
+    """Write ``array`` (H, W, D) or a 2-D slice (H, W) atomically; masks uint8, images float32.
 
     ``mask`` None infers from the dtype (bool/integer = mask). ``affine`` takes precedence over
     ``spacing``; with neither the affine is the identity. Use a ``.nii.gz`` name for gzip.

@@ -164,9 +164,9 @@ def _read_sequence(case: Path, modality: str, fmt: str):
     if path is None:
         return None, None
     if modality == "seg":
-        return nifti.to_dhw(nifti.read_mask(path)).astype(np.float32), None
+        return nifti.to_dhw(nifti.require_volume(nifti.read_mask(path), path)).astype(np.float32), None
     vol, spacing, _ = nifti.read_image(path)
-    return nifti.to_dhw(vol), spacing
+    return nifti.to_dhw(nifti.require_volume(vol, path)), spacing
 
 
 def read_case(case: Path, require_seg: bool) -> tuple[dict, tuple]:

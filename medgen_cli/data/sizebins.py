@@ -79,7 +79,8 @@ def feret_diameter(coords, spacing, compat_sampled: bool = False, seed=None) -> 
     ``compat_sampled`` reproduces the reference: a random subset of 1000 (2D) / 2000 (3D) voxels
     (drawn with ``numpy.random.default_rng(seed)``), so the value may be an underestimate.
     """
-    coords = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1)
+    coords = np.asarray(coords)
+    coords = coords[:, None] if coords.ndim == 1 else coords  # (N,) → (N, 1)
     scale = np.asarray(spacing, dtype=np.float64)
     if scale.shape != (coords.shape[1],):
         raise ValueError(f"spacing has {scale.size} values for {coords.shape[1]}-D coordinates")
@@ -99,7 +100,9 @@ def feret_diameter(coords, spacing, compat_sampled: bool = False, seed=None) -> 
 
 
 def tumour_diameters(mask, spacing, compat_sampled: bool = False, seed=None) -> np.ndarray:
-    """Feret diameter (mm) of every component, in label order → float64 (n,)."""
+    """Feret diameter (mm) of every component, in label order → float64 (n,).
+
+    With ``compat_sampled`` the subset of component k is drawn with seed ``seed + k``."""
     from scipy import ndimage
 
     mask = np.asarray(mask)

@@ -11,10 +11,18 @@ Schedules as MONAI's ``DDPMScheduler`` defines them (computed here in float64):
 ``linear_beta`` β linear from 1e-4 to 2e-2; ``cosine`` (Nichol & Dhariwal 2021, s = 0.008):
 ᾱ(i) = cos²((i/T + s)/(1 + s)·π/2) / ᾱ(0), β clipped to ≤ 0.999, ᾱ re-accumulated from the clipped β.
 
-DDIM (Song et al. 2021, eq. 12 with σ = 0) visits MONAI's grid k_i = round(linspace(T−1, 0, N)) and
-steps from k_i to k_{i+1}, the last step to ᾱ = 1. MONAI instead steps to k_i − T//N, which differs
-from the next grid point by up to one step when N does not divide T (a quirk not reproduced).
-With ``clip_sample`` x̂₀ is clamped to [−1, 1] and ε̂ is left as predicted (as MONAI does).
+DDIM (Song et al. 2021, eq. 12 with σ = 0) visits the grid k_0 > … > k_{N−1} and steps from k_i to
+k_{i+1}, the last step to ᾱ = 1. ``ddim_spacing``: "linspace" k_i = round(linspace(T−1, 0, N))
+(MONAI since PR #8623, Nov 2025, as installed here; the default) or "leading"
+k_i = (N−1−i)·(T//N) (older MONAI and GenerativeModels, so the reference's DDPM runs may have used
+it; starts at T − T//N, never at T−1).
+MONAI steps to k_i − T//N instead of k_{i+1}; with "linspace" and N not dividing T that is off the
+grid by up to one step (a quirk not reproduced). With ``clip_sample`` x̂₀ is clamped to [−1, 1] and
+ε̂ is left as predicted (as MONAI does).
+
+Conditioning caveat: the cosine schedule clips β_{T−1} to 0.999, so ᾱ_{T−1} ≈ 1e-3·ᾱ_{T−2}
+(2.4e-9 at T = 1000). An ε-prediction's x̂₀ at k = T−1 divides by √ᾱ ≈ 5e-5, so the first
+"linspace" step multiplies the network's ε error at k = T−1 by √(ᾱ_{k_1}/ᾱ_{T−1}) (≈ 630 for N = 50).
 """
 
 from __future__ import annotations
@@ -55,11 +63,13 @@ class DDPM:
         schedule: str = "cosine",
         prediction: str = "epsilon",
         clip_sample: bool = False,
+        ddim_spacing: str = "linspace",
     ):
         self.T = int(num_train_timesteps)
         self.schedule = check_choice(schedule, ("cosine", "linear_beta"), "diffusion.schedule")
         self.prediction = check_choice(prediction, ("epsilon", "sample"), "diffusion.prediction")
         self.clip_sample = bool(clip_sample)
+        self.ddim_spacing = check_choice(ddim_spacing, ("linspace", "leading"), "diffusion.ddim_spacing")
         self.alphas_cumprod = alphas_cumprod(self.schedule, self.T)  # (T,) float64, CPU
         self._tables: dict[torch.device, torch.Tensor] = {}  # float32 copies per device
 
@@ -114,10 +124,13 @@ class DDPM:
 
     # ---- sampling -------------------------------------------------------------------------
     def ddim_steps(self, steps: int) -> list[int]:
-        """Decreasing integer steps visited by DDIM: round(linspace(T−1, 0, N))."""
-        if not 1 <= int(steps) <= self.T:
+        """Decreasing integer steps visited by DDIM (see ``ddim_spacing`` in the module docstring)."""
+        n = int(steps)
+        if not 1 <= n <= self.T:
             raise UsageError(f"DDIM needs 1..{self.T} steps, got {steps}", "--steps", f"use 1 to {self.T}")
-        return torch.linspace(self.T - 1, 0, int(steps), dtype=torch.float64).round().long().tolist()
+        if self.ddim_spacing == "leading":
+            return [i * (self.T // n) for i in reversed(range(n))]
+        return torch.linspace(self.T - 1, 0, n, dtype=torch.float64).round().long().tolist()
 
     def ddim_sample(self, net: Net, x_T: torch.Tensor, steps: int, callback=None) -> torch.Tensor:
         """Deterministic DDIM from ``x_T`` ~ N(0, I); ``net(x, model_time (B,)) -> prediction``.

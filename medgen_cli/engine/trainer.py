@@ -138,12 +138,10 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
-        tensors, meta = ckpt.flatten_optimizer(self.opt.state_dict())
-        groups = {"model": self.model.state_dict(), "optimizer": tensors}
+        groups = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
-        state = {**asdict(self.state), "optimizer_meta": meta,
-                 "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed}
+        state = {**asdict(self.state), "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed}
         if math.isinf(state["best_val"]):
             state["best_val"] = None
         step_dir = ckpt.save_checkpoint(self.run_dir, self.state.step, self.state.epoch, groups, state,
@@ -160,8 +158,7 @@ class Trainer:
         import json
 
         st = json.loads((Path(step_dir) / "trainer_state.json").read_text())
-        opt_tensors = ckpt.load_group(step_dir, "optimizer")
-        self.opt.load_state_dict(ckpt.unflatten_optimizer(opt_tensors, st["optimizer_meta"]))
+        self.opt.load_state_dict(ckpt.load_optimizer_state(step_dir, self.opt.state_dict()))
         if self.ema is not None:
             if st.get("ema") is None:
                 raise InputError("cannot resume with EMA on: the checkpoint has no EMA weights", str(step_dir),

@@ -20,10 +20,13 @@ def model_args(preset: Preset) -> tuple[str, dict]:
 
 
 def build_model(preset: Preset):
+    """The preset's network, initialised from the run's seed (same weights on every machine)."""
     from ..models.registry import build_model as build
+    from ..runtime import seeded
 
     kind, kwargs = model_args(preset)
-    return build(kind, **kwargs)
+    with seeded(preset.train.seed, 0):
+        return build(kind, **kwargs)
 
 
 def count_parameters(preset: Preset) -> int:

@@ -6,10 +6,16 @@ No torch is imported here (``prepare`` imports MONAI lazily for the resize).
 
 from __future__ import annotations
 
+import logging
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import UsageError
+from .. import __version__, records
+from ..errors import InputError, UsageError
 from ..data import layout, phantom, prepare as prepare_mod
+
+log = logging.getLogger("medgen")
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:
@@ -30,6 +36,29 @@ def synth(out, n_train: int = 6, n_val: int = 2, n_test: int = 2, size: int = 25
 def check(root, modalities=None, splits=None) -> list[layout.Problem]:
     """Every problem of the dataset at ``root`` (errors and notices)."""
     return layout.check_dataset(root, modalities=modalities, splits=splits)
+
+
+def problem_record(p: layout.Problem) -> dict:
+    """A ``problem`` JSON record (schema medgen/1) of one check finding."""
+    return {"schema": records.SCHEMA, "kind": "problem", "medgen_version": __version__, **asdict(p)}
+
+
+def report_check(root, as_json: bool = False, modalities=None, splits=None) -> list[layout.Problem]:
+    """``medgen data check``: print every finding on stdout (a line, or a record with --json);
+    raise InputError (exit 4) when any of them is an error. Notices alone pass."""
+    problems = check(root, modalities, splits)
+    for p in problems:
+        if as_json:
+            records.write(problem_record(p))
+        else:
+            sys.stdout.write(f"{p}\n" + (f"  hint: {p.hint}\n" if p.hint else ""))
+    sys.stdout.flush()
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise InputError(f"{len(errors)} problem(s) in the dataset, first: {errors[0].what}", where=root,
+                         hint="fix the files listed on stdout, then run 'medgen data check' again")
+    log.info("dataset ok: %s (%d notice(s))", root, len(problems))
+    return problems
 
 
 def prepare(raw, out, seed: int = 42, size: int = 256, depth: int = 150, compat_split: bool = False) -> Path:

@@ -105,7 +105,7 @@ def one_step_scores(name: str, model, preset, ds, dev, n: int) -> dict[str, list
                 _, pred, x_t, t = diffusion_loss(model, strategy, image, cond, u, noise)
             x0 = strategy.x0_from(x_t.float(), pred.float(), t)
             if image.ndim == 5:
-                depth = _original_depth(ds, i, preset)
+                depth = ds.depth_of(i)
                 x0, image = x0[:, :, :depth], image[:, :, :depth]
             for k, v in scores(name, x0.cpu(), image.cpu()).items():
                 out.setdefault(k, []).extend(v)
@@ -135,11 +135,6 @@ def one_step(name: str, run: Path, split: str | None, data, max_items, device):
         for rec, _ in recs:
             fh.write(json.dumps({**rec, "checkpoint": str(ck.step_dir)}) + "\n")
     return recs
-
-
-def _original_depth(ds, i: int, preset) -> int:
-    fn = getattr(ds, "original_depth", None)
-    return fn(i) if callable(fn) else preset.data.depth
 
 
 def run(name: str, gen=None, ref=None, run=None, split=None, data=None, max_items=None, device=None):

@@ -95,6 +95,7 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path:
 
     p = loaded.preset
     root = build.data_root(p)
+    check_data(p, root)
     device = pick_device(p.train.device)
     train_ds = build.build_dataset(p, p.data.train_split, root)
     val_ds = build.build_dataset(p, p.data.val_split, root)
@@ -118,6 +119,21 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path:
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
     return ckpt.resolve_step_dir(run_dir, "latest")
+
+
+def check_data(p, root: Path) -> None:
+    """Refuse a dataset with problems before any work: every problem listed at once."""
+    from ..data.layout import check_dataset
+
+    mods = ["bravo", "seg"] if p.data.mode == "bravo" else ["seg"]
+    problems = [x for x in check_dataset(root, mods, [p.data.train_split, p.data.val_split])
+                if x.severity == "error"]
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise InputError(f"{first.what}{more}", first.path,
+                         first.hint or f"see `medgen data check {root}`",
+                         details=[str(x) for x in problems[1:10]])
 
 
 def _preview(trainer, epoch: int) -> None:
