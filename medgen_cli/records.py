@@ -22,6 +22,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "metric": ("name", "value", "ci", "n_gen", "n_ref", "ref", "protocol", "extractor",
                "weights_sha256", "preprocessing", "seed"),
     "error": ("code", "message", "hint"),
+    "problem": ("path", "what", "hint", "severity"),  # one finding of `medgen data check`
 }
 
 

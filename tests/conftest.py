@@ -41,7 +41,7 @@ batch_size = 2
 """
 
 TINY_3D = TINY_2D.replace("dims = 2", "dims = 3\npad_depth_to = 16\ndepth = 16").replace(
-    "batch_size = 4", "batch_size = 1").replace("epochs = 2", "epochs = 1")
+    "batch_size = 4", "batch_size = 1")
 
 
 @pytest.fixture(scope="session")

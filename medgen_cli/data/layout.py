@@ -133,7 +133,7 @@ def _check_patient(patient: Path, mods) -> list[Problem]:
         path = nifti.find_modality(patient, m)
         if path is None:
             problems.append(Problem(str(patient / f"{m}.nii.gz"), f"missing modality file '{m}.nii.gz'",
-                                    "add the file or restrict the check with --modalities"))
+                                    "add the file: every patient folder holds bravo, t1_pre, t1_gd, flair and seg"))
             continue
         shape, found = _check_file(path, is_mask=(m == "seg"))
         problems += found

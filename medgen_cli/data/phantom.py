@@ -17,8 +17,8 @@ Tumour sizes follow a schedule keyed by the patient ``index`` (default: the seed
 consecutive patients cover all seven bins. Each tumour is rescaled until its measured Feret diameter
 (exact, on its own voxels) lies in the intended bin, so this holds at any resolution where the bin can
 be represented (at 64×64×32 and above in practice; 32 px slices of 7.5 mm cannot hold every bin, and a
-tumour that finds no room in a very thin brain is left out). Arrays are ``(H, W, D)`` = ``(x, y, z)`` on-disk order; spacing is
-``(fov/size, fov/size, 1.0)`` mm.
+tumour that finds no room in a very thin brain is left out). Arrays are ``(H, W, D)`` = ``(x, y, z)``
+on-disk order; spacing is ``(fov/size, fov/size, 1.0)`` mm.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import __version__, records
+from .. import records
 from ..errors import InputError, UsageError
 from ..data import layout, phantom, prepare as prepare_mod
 
@@ -40,7 +40,7 @@ def check(root, modalities=None, splits=None) -> list[layout.Problem]:
 
 def problem_record(p: layout.Problem) -> dict:
     """A ``problem`` JSON record (schema medgen/1) of one check finding."""
-    return {"schema": records.SCHEMA, "kind": "problem", "medgen_version": __version__, **asdict(p)}
+    return records.make("problem", **asdict(p))
 
 
 def report_check(root, as_json: bool = False, modalities=None, splits=None) -> list[layout.Problem]:
