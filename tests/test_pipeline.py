@@ -11,29 +11,32 @@ import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize("dims, mode", [(2, "bravo"), (3, "bravo"), (3, "seg")])
-def test_train_sample_eval_report(cli, tiny_preset, phantom_root, tmp_path, monkeypatch, dims, mode):
+@pytest.mark.parametrize("dims, mode, strategy", [(2, "bravo", "rflow"), (2, "bravo", "ddpm"), (2, "seg", "rflow"),
+                                                 (3, "bravo", "rflow"), (3, "seg", "ddpm")])
+def test_train_sample_eval_report(cli, tiny_preset, phantom_root, tmp_path, dims, mode, strategy):
     run, out = tmp_path / "run", tmp_path / "samples"
-    r = cli("train", "--preset", tiny_preset(dims, mode), "--data", phantom_root, "--run-dir", run,
-            "--max-steps", 3, "--json")
+    size = ["--set", "data.image_size=32"] if (dims, mode) == (2, "seg") else []  # 10-pixel tumour rule
+    r = cli("train", "--preset", tiny_preset(dims, mode, strategy), "--data", phantom_root, "--run-dir", run,
+            "--max-steps", 3, "--json", *size)
     assert r.code == 0, r.err
     r = cli("sample", "--run", run, "--out", out, "--n", 2, "--steps", 3, "--json")
     assert r.code == 0, r.err
     recs = [json.loads(line) for line in r.out.splitlines()]
     assert [x["index"] for x in recs] == [0, 1] and all(x["nfe"] == 3 for x in recs)
+    assert recs[0]["solver"] == ("ddim" if strategy == "ddpm" else "euler")
     img = nib.load(recs[0]["path"])
     if dims == 3:
         assert img.shape == (16, 16, 16)  # depth trimmed back to the source's 16 slices
         assert np.allclose(img.header.get_zooms(), (240 / 16, 240 / 16, 1.0)) or mode == "bravo"
     else:
-        assert img.shape[:2] == (16, 16)
+        assert img.shape[:2] == ((32, 32) if size else (16, 16))
     data = np.asarray(img.dataobj)
     if mode == "seg":
         assert set(np.unique(data)) <= {0, 1}
     else:
         assert data.min() >= 0 and data.max() <= 1
         src = nib.load(str(sorted((phantom_root / "val").iterdir())[0] / "seg.nii.gz"))
-        sx = src.header.get_zooms()[0] * src.shape[0] / 16
+        sx = src.header.get_zooms()[0] * src.shape[0] / img.shape[0]
         assert np.isclose(img.header.get_zooms()[0], sx)  # affine adjusted for the in-plane resize
     assert (out / "previews" / "00000.png").is_file()
     r = cli("eval", "psnr", "--run", run, "--json", "--min", "psnr=1")

@@ -123,7 +123,7 @@ class TrainConfig(Strict):
 
 
 class SampleConfig(Strict):
-    solver: str = "euler"
+    solver: Optional[str] = None  # None: the strategy's own (euler for rflow, ddim for ddpm)
     steps: int = Field(25, ge=1)
     n: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -134,6 +134,8 @@ def run(run_ref, out, opts, data, device, dry_run):
     ck = ckpt.load_checkpoint(ref, which or "best", weights or "ema")
     preset = validate(ck.config, where=str(ck.step_dir))
     sc = preset.sample.model_copy(update=so)
+    if sc.solver is None:
+        sc.solver = "ddim" if preset.diffusion.kind == "ddpm" else "euler"
     strategy = build.build_strategy(preset)
     _check_solver(preset, sc.solver)
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)

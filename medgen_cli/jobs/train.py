@@ -146,7 +146,8 @@ def _preview(trainer, epoch: int) -> None:
     from .sample import finish
 
     n = min(4, len(trainer.val_ds))
-    items = [trainer.val_ds[i] for i in range(n)]
+    picks = [round(k * (len(trainer.val_ds) - 1) / max(n - 1, 1)) for k in range(n)]  # spread over the split
+    items = [trainer.val_ds[i] for i in picks]
     cond = torch.stack([it["cond"] for it in items]).to(trainer.device)
     shape = tuple(items[0]["image"].shape)
     noise = randn_keyed(shape, [(trainer.cfg.seed, 6, i) for i in range(n)], trainer.device)
