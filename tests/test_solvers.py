@@ -10,7 +10,7 @@ import torch
 from medgen_cli.errors import UsageError
 from medgen_cli.solvers import SOLVERS, get_solver, nfe
 
-ORDERS = {"euler": 1, "midpoint": 2, "heun2": 2, "rk4": 4}
+ORDERS = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
 
 
 def _error(name: str, steps: int, a: float = 1.3) -> float:

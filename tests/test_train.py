@@ -97,3 +97,11 @@ def test_signal_then_resume_matches_uninterrupted(cli, tiny_preset, phantom_root
     assert r.code == 0, r.err
     assert train(cli, preset, phantom_root, tmp_path / "full", *long).code == 0
     assert_identical(tmp_path / "full", run)
+
+
+def test_loader_workers_do_not_change_the_result(cli, tiny_preset, phantom_root, tmp_path):
+    preset = tiny_preset(2)
+    assert train(cli, preset, phantom_root, tmp_path / "w0", "--max-steps", 3).code == 0
+    r = train(cli, preset, phantom_root, tmp_path / "w2", "--max-steps", 3, "--set", "data.num_workers=2")
+    assert r.code == 0, r.err
+    assert_identical(tmp_path / "w0", tmp_path / "w2")

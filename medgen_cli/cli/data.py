@@ -51,3 +51,17 @@ def prepare(
     from ..jobs import data as job
 
     print(job.prepare(raw, out, seed, size, depth))
+
+
+@app.command("atlas")
+def atlas(
+    root: Annotated[Path, typer.Argument(help="Dataset root in the BrainMetShare layout.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Atlas file (default ROOT/atlas-<size>.nii.gz).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split the atlas is built from.")] = "train",
+    size: Annotated[int | None, typer.Option("--size", help="In-plane size of the model it serves.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Normalised bravo intensity that counts as brain.")] = 0.05,
+) -> None:
+    """Build the brain atlas (union of brain masks of a split) that paired generation checks masks against."""
+    from ..jobs import data as job
+
+    print(job.atlas(root, out, split, size, threshold))

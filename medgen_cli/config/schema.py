@@ -128,10 +128,24 @@ class SampleConfig(Strict):
     n: int = Field(8, ge=1)
     batch_size: int = Field(8, ge=1)
     seed: int = 42  # noise of output i is drawn from seed + i
-    cfg: float = 1.0
+    cfg: float = 1.0  # classifier-free guidance w (1 = off); at t = 1 when cfg_end is set
+    cfg_end: Optional[float] = None  # dynamic CFG: w goes linearly from cfg (t = 1) to cfg_end (t = 0)
+    atol: Optional[float] = Field(None, gt=0)  # adaptive solvers only (default 1e-5)
+    rtol: Optional[float] = Field(None, gt=0)
+    grid: Union[Literal["train", "uniform"], float] = "train"  # time grid: training shift, uniform, or ratio r
+    restart: Optional[tuple[int, int, float, float]] = None  # Restart (K, n, t_min, t_max); Euler only
+    state_dtype: Literal["fp32", "bf16"] = "fp32"  # solver state; times stay fp64, the net runs under autocast
     split: str = "val"  # bravo mode: condition on the first n sorted masks of this split
     weights: Literal["ema", "raw"] = "ema"
     which: str = "best"
+    max_tumour_fraction: float = Field(0.04, gt=0, le=1)  # paired: reject masks with a slice above this
+    max_retries: int = Field(10, ge=0)  # paired: redraws of a rejected generated mask
+
+    @model_validator(mode="after")
+    def _grid_ratio(self):
+        if isinstance(self.grid, float) and self.grid <= 0:
+            raise ValueError("grid ratio must be > 0")
+        return self
 
 
 class EvalConfig(Strict):

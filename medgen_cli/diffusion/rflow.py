@@ -112,11 +112,29 @@ class RectifiedFlow:
         return -self.velocity(pred, x_t, t)
 
     # ---- sampling -------------------------------------------------------------------------
-    def time_grid(self, steps: int) -> torch.Tensor:
-        """steps+1 decreasing normalised times from 1 to 0 (float64, CPU), shift applied."""
+    def time_grid(self, steps: int, shift: float | None = None) -> torch.Tensor:
+        """steps+1 decreasing normalised times from 1 to 0 (float64, CPU).
+
+        ``shift`` None applies the training schedule's resolution shift; 1.0 gives the uniform grid;
+        any other r > 0 applies t' = r·t / (1 + (r − 1)·t)."""
         if int(steps) < 1:
             raise UsageError(f"need at least 1 sampling step, got {steps}", "--steps", "use --steps 1 or more")
-        return shift_time(torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64), self.shift)
+        r = self.shift if shift is None else float(shift)
+        if r <= 0:
+            raise UsageError(f"time-grid shift must be > 0, got {r}", "--shift", "use e.g. --shift 2")
+        return shift_time(torch.linspace(1.0, 0.0, int(steps) + 1, dtype=torch.float64), r)
+
+    def renoise(self, x: torch.Tensor, t_cur: float, t_max: float, noise: torch.Tensor) -> torch.Tensor:
+        """Move a state at time ``t_cur`` forward to ``t_max`` ≥ t_cur along the noising path (Restart).
+
+        With x_t = (1 − t)x₀ + tε: x ← α·x + σ·z, α = (1 − t_max)/(1 − t_cur), σ² = t_max² − α²·t_cur²,
+        so the x₀ coefficient becomes 1 − t_max and the noise variance t_max² (SYSTEM.md §9)."""
+        if not 0.0 <= t_cur <= t_max < 1.0:
+            raise UsageError(f"restart needs 0 <= t_min <= t_max < 1, got {t_cur}, {t_max}", "--restart",
+                             "e.g. --restart 2,5,0.1,0.3")
+        alpha = (1.0 - t_max) / (1.0 - t_cur)
+        sigma = max(t_max**2 - alpha**2 * t_cur**2, 0.0) ** 0.5
+        return (alpha * x.float() + sigma * noise.float()).to(x.dtype)
 
     def ode(self, net: Net) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """f(x, t) = dx/dt for a solver; ``t`` a scalar normalised time, ``net(x, model_time)``."""

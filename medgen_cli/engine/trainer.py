@@ -41,6 +41,12 @@ class State:
     last_val_step: int = -1
 
 
+def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.stack([it["image"] for it in items])  # (B, C, ...)
+    cond = torch.stack([it["cond"] for it in items])  # (B, C_cond, ...)
+    return image, cond
+
+
 def diffusion_loss(model, strategy, image, cond, u, noise):
     """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t)."""
     t = strategy.times_from_uniform(u)  # (B,)
@@ -52,10 +58,10 @@ def diffusion_loss(model, strategy, image, cond, u, noise):
 
 class Trainer:
     def __init__(self, model: nn.Module, strategy, train_ds, val_ds, cfg, run_dir: Path,
-                 config_json: str, device: torch.device, keep_last: int = 3):
+                 config_json: str, device: torch.device, num_workers: int = 0):
         self.model, self.strategy, self.cfg = model.to(device), strategy, cfg
         self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
-        self.config_json = config_json
+        self.config_json, self.num_workers = config_json, num_workers
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
         e = cfg.ema
@@ -73,11 +79,15 @@ class Trainer:
         return torch.randperm(len(self.train_ds), generator=g).tolist()
 
     # ---- data -------------------------------------------------------------------------------
-    def _batch(self, indices: list[int]):
-        items = [self.train_ds[i] for i in indices]
-        image = torch.stack([it["image"] for it in items]).to(self.device)  # (B, C, ...)
-        cond = torch.stack([it["cond"] for it in items]).to(self.device)  # (B, C_cond, ...)
-        return image, cond
+    def _batches(self, epoch: int):
+        """The rest of this epoch's batches, from the saved position on, as (image, cond) on device."""
+        bs, perm = self.cfg.batch_size, self._permutation(epoch)
+        chunks = [perm[p * bs:(p + 1) * bs] for p in range(self.state.pos, self.steps_per_epoch)]
+        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=chunks, collate_fn=collate,
+                                             num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        for image, cond in loader:
+            yield image.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
 
     # ---- one optimizer step -----------------------------------------------------------------
     def _step(self, image, cond) -> dict:
@@ -98,7 +108,7 @@ class Trainer:
         self.state.step += 1
         if self.ema is not None:
             self.ema.update(self.model, self.state.step)
-        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(norm)}
+        return {"loss": loss.detach(), "lr": lr, "grad_norm": norm.detach()}  # tensors: no host sync
 
     # ---- validation -------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -197,15 +207,14 @@ class Trainer:
         """Train until `epochs` or `max_steps`; `stop.requested` saves and raises Interrupted."""
         st, cfg = self.state, self.cfg
         self.book.status("running", st)
-        t0 = time.time()
+        t0, step0 = time.time(), st.step
         while not self._done():
-            perm = self._permutation(st.epoch)
-            while st.pos < self.steps_per_epoch and not self._done():
-                idx = perm[st.pos * cfg.batch_size:(st.pos + 1) * cfg.batch_size]
-                stats = self._step(*self._batch(idx))
+            for image, cond in self._batches(st.epoch):
+                stats = self._step(image, cond)
                 st.pos += 1
-                if st.step % cfg.log_every == 0 or st.step == 1:
-                    rate = st.step / max(time.time() - t0, 1e-9)
+                if st.step % cfg.log_every == 0 or st.step == step0 + 1:
+                    rate = (st.step - step0) / max(time.time() - t0, 1e-9)
+                    stats = {k: float(v) for k, v in stats.items()}
                     self.book.log({"kind": "train", "step": st.step, "epoch": st.epoch, **stats,
                                    "steps_per_s": rate})
                     self.book.status("running", st)
@@ -217,6 +226,8 @@ class Trainer:
                     raise Interrupted(f"training stopped by {stop.requested} at step {st.step}; state saved",
                                       str(self.run_dir),
                                       f"continue with: medgen train --resume --run-dir {self.run_dir}")
+                if self._done():
+                    break
             if st.pos >= self.steps_per_epoch:
                 self._epoch_end(preview)
         if st.last_val_step != st.step:  # stopped by max_steps mid-epoch

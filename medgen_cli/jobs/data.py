@@ -67,3 +67,22 @@ def prepare(raw, out, seed: int = 42, size: int = 256, depth: int = 150, compat_
     _positive("depth", depth, 1)
     return prepare_mod.prepare_brainmetshare(raw, out, seed=seed, size=size, depth=depth,
                                              compat_split=compat_split)
+
+
+def atlas(root, out=None, split: str = "train", size: int | None = None, threshold: float = 0.05) -> Path:
+    """``medgen data atlas``: the brain atlas of ``root/split`` (union of bravo > threshold) as a mask
+    NIfTI; default path ROOT/atlas-<size>.nii.gz. Returns the path."""
+    from ..data import atlas as atlas_mod
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"dataset folder not found: {root}", where=root, hint="give a BrainMetShare-layout root")
+    if size is not None:
+        _positive("size", size, 8)
+    if not 0.0 <= threshold < 1.0:
+        raise UsageError(f"threshold must be in [0, 1), got {threshold}", where="--threshold")
+    arr, spacing, n = atlas_mod.build_atlas(root, split, size, threshold)
+    out = Path(out) if out else root / f"atlas-{size or arr.shape[-1]}.nii.gz"
+    atlas_mod.write_atlas(out, arr, spacing)
+    log.info("atlas of %d patient(s) of '%s': %d voxels inside (%.1f%%)", n, split, int(arr.sum()), 100 * arr.mean())
+    return out

@@ -120,24 +120,127 @@ def _out_dir(out: Path | None, step_dir: Path, solver: str, steps: int) -> Path:
     return out
 
 
-def run(run_ref, out, opts, data, device, dry_run):
-    import torch
-
+def _load(ref: str, which, weights):
     from .. import checkpoint as ckpt
     from ..config import validate
-    from ..engine.sampling import generate
-    from ..runtime import autocast, pick_device
 
-    ref = checkpoint_ref(run_ref)
-    so = {k: v for k, v in opts.items() if v is not None}
-    weights, which = so.pop("weights", None), so.pop("which", None)
     ck = ckpt.load_checkpoint(ref, which or "best", weights or "ema")
-    preset = validate(ck.config, where=str(ck.step_dir))
-    sc = preset.sample.model_copy(update=so)
+    return ck, validate(ck.config, where=str(ck.step_dir))
+
+
+def _parse_restart(value) -> tuple[int, int, float, float] | None:
+    if value is None or isinstance(value, (tuple, list)):
+        return tuple(value) if value is not None else None
+    parts = str(value).split(",")
+    try:
+        k, n, lo, hi = int(parts[0]), int(parts[1]), float(parts[2]), float(parts[3])
+        if len(parts) != 4:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise UsageError(f"--restart takes K,n,t_min,t_max, got '{value}'", "--restart",
+                         "e.g. --restart 2,5,0.1,0.3 (2 restarts of 5 Euler steps in [0.1, 0.3])")
+    return k, n, lo, hi
+
+
+def _parse_grid(value):
+    if value is None or value in ("train", "uniform") or isinstance(value, float):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise UsageError(f"unknown time grid '{value}'", "--grid", "use train, uniform or a shift ratio such as 2")
+
+
+def sample_options(preset, opts: dict):
+    """The preset's [sample] with the command-line options applied and checked against the model."""
+    so = {k: v for k, v in opts.items() if v is not None and k not in ("weights", "which")}
+    if "restart" in so:
+        so["restart"] = _parse_restart(so["restart"])
+    if "grid" in so:
+        so["grid"] = _parse_grid(so["grid"])
+    try:
+        sc = preset.sample.model_validate({**preset.sample.model_dump(), **so})
+    except Exception as e:  # pydantic ValidationError: a bad option value
+        raise UsageError(f"invalid sampling option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}"
+                         if hasattr(e, "errors") else str(e), "medgen sample", "see medgen sample --help")
     if sc.solver is None:
         sc.solver = "ddim" if preset.diffusion.kind == "ddpm" else "euler"
-    strategy = build.build_strategy(preset)
+    check_plan(preset, sc)
+    return sc
+
+
+def check_plan(preset, sc) -> None:
+    """Refuse combinations that cannot work, before any model is loaded."""
     _check_solver(preset, sc.solver)
+    from ..solvers import ADAPTIVE
+
+    if (sc.atol is not None or sc.rtol is not None) and sc.solver not in ADAPTIVE:
+        raise UsageError(f"--atol/--rtol apply to adaptive solvers, not '{sc.solver}'", "--atol/--rtol",
+                         f"drop them, or use one of: {', '.join(ADAPTIVE)}")
+    if sc.restart is not None:
+        k, n, lo, hi = sc.restart
+        if preset.diffusion.kind != "rflow" or sc.solver != "euler":
+            raise UsageError("Restart runs on rectified-flow models with the Euler solver", "--restart",
+                             "use --solver euler with an rflow model, or drop --restart")
+        if k < 0 or n < 1 or not 0.0 <= lo < hi < 1.0:
+            raise UsageError(f"--restart needs K >= 0, n >= 1, 0 <= t_min < t_max < 1, got {sc.restart}",
+                             "--restart", "e.g. --restart 2,5,0.1,0.3")
+    if sc.grid != "train" and preset.diffusion.kind != "rflow":
+        raise UsageError("--grid applies to rectified-flow models (DDPM uses the DDIM grid)", "--grid",
+                         "drop --grid for DDPM models")
+    guided = sc.cfg != 1.0 or (sc.cfg_end is not None and sc.cfg_end != 1.0)
+    if guided:
+        if preset.data.mode == "seg":
+            raise UsageError("seg models are unconditional: classifier-free guidance has nothing to guide",
+                             "--cfg", "drop --cfg/--cfg-end for seg models")
+        if not _trained_with_dropout(preset):
+            log.warning("warning: this model was trained without condition dropout, so its unconditional "
+                        "branch (seg channel zeroed) never saw training data; guidance extrapolates from it")
+
+
+def _trained_with_dropout(preset) -> bool:
+    """True when the run's training dropped the condition (a key the trainer may add later)."""
+    return float(getattr(preset.train, "cond_dropout", 0.0) or 0.0) > 0.0
+
+
+def make_plan(sc):
+    from ..engine.sampling import Guidance, Plan, Restart
+
+    shift = None if sc.grid == "train" else (1.0 if sc.grid == "uniform" else float(sc.grid))
+    return Plan(solver=sc.solver, steps=sc.steps, atol=sc.atol, rtol=sc.rtol, shift=shift,
+                guidance=Guidance(sc.cfg, sc.cfg_end), restart=Restart(*sc.restart) if sc.restart else None)
+
+
+def _build(preset, ck, dev):
+    model = build.build_model(preset)
+    model.load_state_dict(ck.model_state)
+    return model.to(dev).eval(), build.build_strategy(preset)
+
+
+def generate_items(model, strategy, preset, sc, conds, idx, dev, noise=None):
+    """Samples of output indices ``idx`` conditioned on ``conds`` (one per index): (x (B, C, ...), nfe list, batched)."""
+    import torch
+
+    from ..engine.sampling import sample_batch
+    from ..runtime import autocast
+
+    cond = torch.from_numpy(np.stack([c.cond for c in conds])).to(dev)
+    noise = _noise(preset, idx, sc.seed, dev) if noise is None else noise
+    dtype = torch.bfloat16 if sc.state_dtype == "bf16" else None
+    out = sample_batch(model, strategy, noise, cond, make_plan(sc), keys=[(sc.seed, i) for i in idx],
+                       autocast=autocast(dev, preset.train.precision), state_dtype=dtype)
+    return out
+
+
+def run(run_ref, out, opts, data, device, dry_run, paired=None):
+    from ..runtime import pick_device
+
+    ref = checkpoint_ref(run_ref)
+    ck, preset = _load(ref, opts.get("weights"), opts.get("which"))
+    sc = sample_options(preset, opts)
+    if paired is not None:
+        yield from run_paired(ck, preset, sc, out, data, device, dry_run, opts, **paired)
+        return
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
     conds = conditions(preset, root, sc.split, sc.n)
@@ -146,18 +249,15 @@ def run(run_ref, out, opts, data, device, dry_run):
             f"would write {sc.n} samples to {out}"
         return
     dev = pick_device(device or preset.train.device)
-    model = build.build_model(preset)
-    model.load_state_dict(ck.model_state)
-    model.to(dev).eval()
+    model, strategy = _build(preset, ck, dev)
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     for start in range(0, sc.n, sc.batch_size):
         idx = list(range(start, min(start + sc.batch_size, sc.n)))
-        cond = torch.from_numpy(np.stack([conds[i].cond for i in idx])).to(dev)
-        noise = _noise(preset, idx, sc.seed, dev)
-        x, nfe = generate(model, strategy, noise, cond, sc.solver, sc.steps, autocast(dev, preset.train.precision))
+        res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
         for j, i in enumerate(idx):
-            rec = _write(out, i, x[j, 0].cpu().numpy(), conds[i], preset, sc, ck, root, nfe)
+            rec = _write(out, i, res.x[j, 0].cpu().numpy(), conds[i], preset, sc, ck, root, res.nfe[j],
+                         res.cfg_batched)
             with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(records.dumps(rec) + "\n")
             yield rec, rec["path"]
@@ -169,6 +269,8 @@ def _check_solver(preset, solver: str) -> None:
     if preset.diffusion.kind == "rflow":
         from ..solvers import get_solver
 
+        if solver == "ddim":
+            raise UsageError("DDIM is for DDPM models", "--solver", "use euler (or another ODE solver) for rflow")
         get_solver(solver)
 
 
@@ -182,7 +284,8 @@ def _noise(preset, idx: list[int], seed: int, dev):
     return torch.stack(draws).to(dev)  # (B, C, ...)
 
 
-def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, root, nfe) -> dict:
+def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, root, nfe, cfg_batched=False,
+           folder: Path | None = None, as_volume: bool = False, extra: dict | None = None) -> dict:
     from ..data.nifti import write_nifti
     from ..previews import save_png, view
 
@@ -190,18 +293,188 @@ def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, roo
     arr = finish(arr, is_seg)  # (H, W) or (D, H, W)
     if arr.ndim == 3:
         arr = arr[: c.depth]
-    folder = out / f"{i:05d}"
+    folder = folder or out / f"{i:05d}"
     folder.mkdir(parents=True, exist_ok=True)
     modality = "seg" if is_seg else "bravo"
     disk = np.transpose(arr, (1, 2, 0)) if arr.ndim == 3 else arr  # (H, W, D) or (H, W)
+    if as_volume and disk.ndim == 2:
+        disk = disk[..., None]  # (H, W, 1): a dataset file is always a volume
     path = write_nifti(folder / f"{modality}.nii.gz", disk.astype(np.uint8) if is_seg else disk, spacing=c.spacing)
     if c.cond.shape[0]:
         m = c.cond[0][: c.depth] if arr.ndim == 3 else c.cond[0]
         m = np.transpose(m, (1, 2, 0)) if m.ndim == 3 else m
+        m = m[..., None] if as_volume and m.ndim == 2 else m
         write_nifti(folder / "seg.nii.gz", (m > 0.5).astype(np.uint8), spacing=c.spacing)
     save_png(out / "previews" / f"{i:05d}.png", view(arr))
     return records.make(
         "sample", path=str(path), run=str(Path(ck.step_dir).parent.parent), checkpoint=str(ck.step_dir),
         weights=ck.weights, seed=sc.seed, index=i, solver=sc.solver, steps=sc.steps, nfe=nfe, cfg=sc.cfg,
         condition=c.path, modality=modality, shape=list(disk.shape), spacing=list(c.spacing),
-        data_root=str(root) if root else None, split=sc.split if c.path else None)
+        data_root=str(root) if root else None, split=sc.split if c.path else None,
+        cfg_end=sc.cfg_end, cfg_batched=cfg_batched, model_evals=nfe * (2 if cfg_batched else 1),
+        atol=sc.atol, rtol=sc.rtol, grid=sc.grid, restart=list(sc.restart) if sc.restart else None,
+        state_dtype=sc.state_dtype, **(extra or {}))
+
+
+# ---- paired mask -> image datasets ------------------------------------------------------------------
+STREAM_MASK = 0x4D41534B  # keyed noise of mask attempt r of output i: (seed, STREAM_MASK, i, r)
+
+
+def _plain_record(kind: str, **fields) -> dict:
+    from .. import __version__
+
+    return {"schema": records.SCHEMA, "kind": kind, "medgen_version": __version__, **fields}
+
+
+def _mask_model(mask_run: str, preset, sc, opts, mask_steps):
+    mck, mpreset = _load(checkpoint_ref(mask_run), opts.get("weights"), opts.get("which"))
+    if mpreset.data.mode != "seg":
+        raise UsageError(f"--mask-run must be a seg model, this one is '{mpreset.data.mode}'", "--mask-run",
+                         "pass a run trained with data.mode = \"seg\"")
+    a, b = mpreset.data, preset.data
+    if (a.dims, a.image_size) != (b.dims, b.image_size) or (a.dims == 3 and a.pad_depth_to != b.pad_depth_to):
+        raise UsageError(f"mask model makes {a.dims}D {a.image_size}px (depth {a.pad_depth_to}), image model "
+                         f"expects {b.dims}D {b.image_size}px (depth {b.pad_depth_to})", "--mask-run",
+                         "pair models trained at the same size")
+    msc = sample_options(mpreset, {"steps": mask_steps, "seed": sc.seed, "batch_size": sc.batch_size,
+                                   "state_dtype": sc.state_dtype})
+    return mck, mpreset, msc
+
+
+def _mask_condition(mask: np.ndarray, preset) -> Condition:
+    """An accepted generated mask (D, H, W) or (H, W) as the image model's condition."""
+    from ..data.preprocess import pad_depth
+
+    d = preset.data
+    cond = mask.astype(np.float32)
+    if cond.ndim == 3:
+        cond = pad_depth(cond, d.pad_depth_to, d.pad_mode)
+    sp = (FOV_MM / d.image_size, FOV_MM / d.image_size, 1.0)
+    return Condition(cond[None], None, sp, d.depth if d.dims == 3 else None)
+
+
+def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, retries, dev):
+    """Masks for outputs 0..n−1 with bounded redraws; returns (accepted {i: mask}, stats {i: dict})."""
+    import torch
+
+    from ..runtime import keyed_generator
+
+    d = mpreset.data
+    spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
+    empty = conditions(mpreset, None, "val", 1)[0]
+    accepted: dict[int, np.ndarray] = {}
+    stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0} for i in range(n)}
+    for r in range(retries + 1):
+        pending = [i for i in range(n) if i not in accepted]
+        for start in range(0, len(pending), msc.batch_size):
+            idx = pending[start:start + msc.batch_size]
+            noise = torch.stack([torch.randn((1, *spatial), generator=keyed_generator(msc.seed, STREAM_MASK, i, r))
+                                 for i in idx]).to(dev)  # (B, 1, ...)
+            res = generate_items(mmodel, mstrategy, mpreset, msc, [empty] * len(idx), idx, dev, noise=noise)
+            for j, i in enumerate(idx):
+                m = finish(res.x[j, 0].cpu().numpy(), True)
+                m = m[: d.depth] if m.ndim == 3 else m
+                from ..data.atlas import check_mask
+
+                cleaned, why = check_mask(m, atlas, max_fraction)
+                st = stats[i]
+                st["attempts"] += 1
+                st["mask_nfe"] += res.nfe[j]
+                if why is None:
+                    accepted[i] = cleaned
+                else:
+                    st["rejections"][why] = st["rejections"].get(why, 0) + 1
+        if len(accepted) == n:
+            break
+    return accepted, stats
+
+
+def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, mask_steps=None, atlas=None,
+               out_split="train"):
+    """`medgen sample --paired`: masks (generated and validated, or a real split) then images on them,
+    written as OUT/<out_split>/<id>/{seg,bravo}.nii.gz plus OUT/paired.jsonl."""
+    from ..runtime import pick_device
+
+    if preset.data.mode != "bravo":
+        raise UsageError(f"--paired needs the image model as --run, this one is '{preset.data.mode}'", "--run",
+                         "pass the bravo model as --run and the seg model as --mask-run")
+    if mask_steps is not None and mask_run is None:
+        raise UsageError("--mask-steps needs --mask-run", "--mask-steps", "add --mask-run SEG_RUN")
+    out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
+    root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
+    if mask_run is not None:
+        mck, mpreset, msc = _mask_model(mask_run, preset, sc, opts, mask_steps)
+        d = preset.data
+        shape = (d.image_size,) * 2 if d.dims == 2 else (d.depth, d.image_size, d.image_size)
+        from ..data.atlas import read_atlas
+
+        atlas_arr = read_atlas(atlas, shape) if atlas is not None else None
+        if atlas_arr is None:
+            log.warning("warning: no --atlas given: generated masks are not checked against a brain atlas "
+                        "(build one with `medgen data atlas ROOT --size %d`)", d.image_size)
+        source = f"generated by {mck.step_dir}"
+    else:
+        if atlas is not None:
+            raise UsageError("--atlas checks generated masks; real masks are used as they are", "--atlas",
+                             "drop --atlas, or add --mask-run SEG_RUN")
+        conds = conditions(preset, root, sc.split, sc.n)
+        source = f"{root}/{sc.split}"
+    if dry_run:
+        yield {"kind": "config", "checkpoint": str(ck.step_dir), "out": str(out), "masks": source,
+               "sample": sc.model_dump()}, f"would write {sc.n} mask/image pairs to {out / out_split}"
+        return
+    dev = pick_device(device or preset.train.device)
+    stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0} for i in range(sc.n)}
+    if mask_run is not None:
+        mmodel, mstrategy = _build(mpreset, mck, dev)
+        masks, stats = _generate_masks(mmodel, mstrategy, mpreset, msc, sc.n, atlas_arr, sc.max_tumour_fraction,
+                                       sc.max_retries, dev)
+        del mmodel
+        conds = {i: _mask_condition(m, preset) for i, m in masks.items()}
+    else:
+        conds = dict(enumerate(conds))
+    model, strategy = _build(preset, ck, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    todo = sorted(conds)
+    produced = 0
+    for start in range(0, len(todo), sc.batch_size):
+        idx = todo[start:start + sc.batch_size]
+        res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
+        for j, i in enumerate(idx):
+            folder = out / out_split / f"{i:05d}"
+            c = conds[i]
+            if c.path is None:
+                c.path = str(folder / "seg.nii.gz")
+            rec = _write(out, i, res.x[j, 0].cpu().numpy(), c, preset, sc, ck, root, res.nfe[j], res.cfg_batched,
+                         folder=folder, as_volume=True,
+                         extra={"mask_source": "model" if mask_run else "split",
+                                "mask_checkpoint": str(mck.step_dir) if mask_run else None})
+            if mask_run is not None:
+                rec["split"] = None
+            produced += 1
+            with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(records.dumps(rec) + "\n")
+            _log_pair(out, i, "produced", stats[i], rec["path"], c.path)
+            yield rec, rec["path"]
+    for i in range(sc.n):
+        if i not in conds:
+            _log_pair(out, i, "failed", stats[i], None, None)
+            log.warning("warning: output %d: no valid mask after %d attempts %s", i, stats[i]["attempts"],
+                        stats[i]["rejections"])
+    summary = _plain_record("paired-summary", requested=sc.n, produced=produced, failed=sc.n - produced,
+                            mask_attempts=sum(s["attempts"] for s in stats.values()),
+                            retries=sum(max(s["attempts"] - 1, 0) for s in stats.values()),
+                            masks=source, max_retries=sc.max_retries, max_tumour_fraction=sc.max_tumour_fraction,
+                            atlas=str(atlas) if atlas else None)
+    with open(out / "paired.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(records.dumps(summary) + "\n")
+    log.info("paired: %d of %d produced under %s", produced, sc.n, out / out_split)
+
+
+def _log_pair(out: Path, i: int, status: str, st: dict, image, seg) -> None:
+    rec = _plain_record("paired", index=i, status=status, mask_attempts=st["attempts"],
+                        retries=max(st["attempts"] - 1, 0), rejections=st["rejections"], mask_nfe=st["mask_nfe"],
+                        image=image, seg=seg)
+    with open(out / "paired.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(records.dumps(rec) + "\n")

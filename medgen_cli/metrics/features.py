@@ -1,0 +1,194 @@
+"""Feature networks for FID/KID/CMMD, loaded offline from files found by ``weights.resolve``.
+
+An extractor maps a batch of grayscale slices ``(N, 1, H, W)`` (or ``(N, C, H, W)``; C > 1 is
+averaged first) with values in [0, 1] to features ``(N, dim)`` float32. Preprocessing (SYSTEM.md §9)
+is part of the extractor and written out in ``preprocessing``, which goes into every record and
+every cache key:
+
+* ``resnet50-imagenet`` — the reference's FID/KID network: torchvision ResNet50, ImageNet weights
+  ``IMAGENET1K_V1`` (``resnet50-0676ba61.pth``), fc removed → 2048-d pooled features. Bilinear
+  resize to 224×224 (align_corners False, no antialias), clamp to [0, 1], gray → 3 channels,
+  ImageNet mean/std.
+* ``biomedclip`` — the reference's CMMD network: the image tower of open_clip
+  ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` (512-d embedding, before
+  L2 normalisation). Read from the snapshot folder (``open_clip_config.json`` +
+  ``open_clip_pytorch_model.bin``); only the ``visual.*`` weights are loaded (no text tower, so no
+  tokenizer or ``transformers`` is needed). Bilinear resize to the config's image size (224),
+  clamp, gray → 3 channels, the config's mean/std (OpenAI CLIP's).
+
+Precision: ``bf16`` autocast (the reference) on CUDA, ``fp32`` on the CPU, unless chosen.
+Weights are read with ``torch.load(weights_only=True)``; their sha256 is ``extractor.sha256``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError, UsageError, did_you_mean
+from . import weights as W
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+BIOMEDCLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_config.json")
+RESNET50_FILE = "resnet50-0676ba61.pth"
+
+EXTRACTORS = ("resnet50-imagenet", "biomedclip")
+DEFAULT_FOR = {"fid": "resnet50-imagenet", "kid": "resnet50-imagenet", "cmmd": "biomedclip"}
+
+
+@dataclass
+class Extractor:
+    name: str
+    dim: int
+    net: object  # torch.nn.Module
+    size: int
+    mean: tuple
+    std: tuple
+    weights_path: str
+    sha256: str
+    precision: str
+    device: object
+    channels_last: bool = False
+
+    @property
+    def preprocessing(self) -> str:
+        return (f"gray->3ch; bilinear {self.size}x{self.size} (align_corners=False, no antialias); clamp [0,1]; "
+                f"mean {list(self.mean)} std {list(self.std)}; {self.precision}")
+
+    def __call__(self, x):
+        """``(N, C, H, W)`` in [0, 1] → ``(N, dim)`` float32 on the extractor's device."""
+        import torch
+        import torch.nn.functional as F
+
+        x = x.to(self.device, non_blocking=True).float()
+        if x.shape[1] > 1:
+            x = x.mean(1, keepdim=True)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x.clamp(0, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        x = (x.expand(-1, 3, -1, -1) - mean) / std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.precision == "bf16"):
+            out = self.net(x)
+        return out.float().flatten(1)
+
+
+def _device(device):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _precision(precision, dev) -> str:
+    if precision in (None, "auto"):
+        return "bf16" if dev.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise UsageError(f"unknown precision '{precision}'", "--precision", "choose bf16 or fp32")
+    return precision
+
+
+def _resnet50(path: Path):
+    import torch
+    import torchvision
+
+    net = torchvision.models.resnet50(weights=None)
+    state = W.load_pickled_state(path)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit a torchvision ResNet50: {str(exc).splitlines()[0]}", path,
+                         f"use torchvision's IMAGENET1K_V1 file {RESNET50_FILE}") from exc
+    net.fc = torch.nn.Identity()
+    return net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _biomedclip(path: Path):
+    from open_clip.model import _build_vision_tower
+
+    cfg_path = path.parent / BIOMEDCLIP_FILES[1]
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        model_cfg = cfg["model_cfg"]
+        vision_cfg = dict(model_cfg["vision_cfg"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"unreadable open_clip config: {exc}", cfg_path,
+                         "the snapshot folder must hold the hub's open_clip_config.json") from exc
+    vision_cfg["timm_model_pretrained"] = False  # never let timm fetch anything
+    net = _build_vision_tower(model_cfg["embed_dim"], vision_cfg)
+    _fit_input_size(net, vision_cfg.get("image_size", 224))
+    state = W.load_pickled_state(path)
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise InputError("no 'visual.*' weights in the file", path, "provide the open_clip checkpoint of BiomedCLIP")
+    try:
+        net.load_state_dict(visual, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit the config's image tower: {str(exc).splitlines()[0]}", path,
+                         "config and weights must come from the same snapshot") from exc
+    pre = cfg.get("preprocess_cfg", {})
+    size = vision_cfg.get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return net, int(model_cfg["embed_dim"]), int(size), tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD))
+
+
+def _fit_input_size(net, size) -> None:
+    """timm towers are built at the model's default size; follow the config's image size."""
+    trunk = getattr(net, "trunk", None)
+    pe = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
+    want = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    if pe is not None and tuple(pe) != want and hasattr(net, "set_input_size"):
+        net.set_input_size(want)
+
+
+_SPECS: dict[str, tuple[tuple[str, ...], dict, Callable]] = {
+    "resnet50-imagenet": ((RESNET50_FILE,), {"how": "download torchvision's ResNet50 IMAGENET1K_V1 weights "
+                                                    f"({RESNET50_FILE}) on a connected machine"}, _resnet50),
+    "biomedclip": (BIOMEDCLIP_FILES, {"hub_checkpoint": False, "hf_repo": BIOMEDCLIP_REPO,
+                                      "how": f"on a connected machine run `huggingface-cli download {BIOMEDCLIP_REPO}` "
+                                             "and copy the cache (or the snapshot folder)"}, _biomedclip),
+}
+
+
+def check_name(name: str) -> None:
+    if name not in _SPECS:
+        close = did_you_mean(name, EXTRACTORS)
+        raise UsageError(f"unknown feature extractor '{name}'", "--extractor",
+                         f"{close + ' ' if close else ''}choose one of {', '.join(EXTRACTORS)}")
+
+
+def find_weights(name: str, explicit=None) -> Path:
+    check_name(name)
+    files, kw, _ = _SPECS[name]
+    return W.resolve(name, files, explicit, **kw)
+
+
+def load(name: str, weights=None, device=None, precision=None, channels_last: bool | None = None) -> Extractor:
+    """Build extractor ``name`` with weights found offline (``weights`` = --weights)."""
+    import torch
+
+    check_name(name)
+    path = find_weights(name, weights)
+    _, _, build = _SPECS[name]
+    net, dim, size, mean, std = build(path)
+    dev = _device(device)
+    prec = _precision(precision, dev)
+    cl = (dev.type == "cuda" and name.startswith("resnet")) if channels_last is None else channels_last
+    net = net.eval().to(dev)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Extractor(name, dim, net, size, tuple(mean), tuple(std), str(path), W.sha256_file(path), prec, dev, cl)

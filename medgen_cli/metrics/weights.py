@@ -1,0 +1,155 @@
+"""Finding third-party weights without ever downloading them, and fingerprinting them.
+
+Search order for a network's file (the first hit wins):
+
+1. ``--weights PATH`` (a file, or a folder holding the expected file name);
+2. ``$MEDGEN_WEIGHTS_<NAME>`` (NAME upper-cased, ``-`` → ``_``, e.g. ``MEDGEN_WEIGHTS_RESNET50_IMAGENET``),
+   then ``$MEDGEN_WEIGHTS_DIR/<file name>``;
+3. the standard caches: torch hub (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub``) for
+   torchvision-style files; the Hugging Face hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
+   ``~/.cache/huggingface/hub``) read offline for hub repositories.
+
+When nothing is found the ``InputError`` (exit 4) lists every place looked and how to provide the
+file. sha256 of a weights file is memoised by (path, size, mtime) under the medgen cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def env_name(name: str) -> str:
+    return "MEDGEN_WEIGHTS_" + name.upper().replace("-", "_")
+
+
+def torch_hub_dir() -> Path:
+    try:
+        import torch
+
+        return Path(torch.hub.get_dir())
+    except Exception:  # pragma: no cover - torch is a dependency
+        home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+        return Path(home).expanduser() / "hub"
+
+
+def hf_cache_dirs() -> list[Path]:
+    out = []
+    if os.environ.get("HF_HUB_CACHE"):
+        out.append(Path(os.environ["HF_HUB_CACHE"]).expanduser())
+    if os.environ.get("HF_HOME"):
+        out.append(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    out.append(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub")
+    seen, uniq = set(), []
+    for p in out:
+        if str(p) not in seen:
+            seen.add(str(p))
+            uniq.append(p)
+    return uniq
+
+
+def hf_snapshots(repo: str) -> list[Path]:
+    """Snapshot folders of a cached HF repo, the one ``refs/main`` names first."""
+    found = []
+    for cache in hf_cache_dirs():
+        base = cache / ("models--" + repo.replace("/", "--"))
+        ref = base / "refs" / "main"
+        if ref.is_file():
+            found.append(base / "snapshots" / ref.read_text().strip())
+        if (base / "snapshots").is_dir():
+            found += sorted(p for p in (base / "snapshots").iterdir() if p.is_dir())
+    return found
+
+
+def resolve(name: str, files: tuple[str, ...], explicit=None, hub_checkpoint: bool = True,
+            hf_repo: str | None = None, how: str = "") -> Path:
+    """Path of the first of ``files`` found in the search order (module docstring).
+
+    ``files[0]`` is the file looked for; the others (e.g. a config) must sit beside it and are
+    checked too. Returns the path of ``files[0]``.
+    """
+    looked: list[str] = []
+
+    def hit(folder_or_file: Path) -> Path | None:
+        p = Path(folder_or_file).expanduser()
+        cand = p / files[0] if p.is_dir() else p
+        looked.append(str(cand))
+        if cand.is_file() and all((cand.parent / f).is_file() for f in files[1:]):
+            return cand
+        return None
+
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit))
+    if os.environ.get(env_name(name)):
+        candidates.append(Path(os.environ[env_name(name)]))
+    else:
+        looked.append(f"${env_name(name)} (unset)")
+    if os.environ.get("MEDGEN_WEIGHTS_DIR"):
+        candidates.append(Path(os.environ["MEDGEN_WEIGHTS_DIR"]) / files[0])
+    if hub_checkpoint:
+        candidates.append(torch_hub_dir() / "checkpoints" / files[0])
+    if hf_repo:
+        snaps = hf_snapshots(hf_repo)
+        candidates += snaps
+        if not snaps:
+            looked.append(f"{hf_cache_dirs()[0]}/models--{hf_repo.replace('/', '--')}/snapshots/* (not cached)")
+    for c in candidates:
+        found = hit(c)
+        if found is not None:
+            return found
+    if explicit:
+        raise InputError(f"weights for '{name}' not found at {explicit}", "--weights",
+                         f"expected the file {files[0]}" + (f" with {', '.join(files[1:])} beside it" if files[1:] else ""),
+                         details=[f"looked in: {p}" for p in looked])
+    raise InputError(f"no weights for feature network '{name}' (medgen never downloads)", "--extractor " + name,
+                     f"{how or 'download ' + files[0]} and pass --weights PATH, set ${env_name(name)}, "
+                     f"or put it in {torch_hub_dir() / 'checkpoints'}",
+                     details=[f"looked in: {p}" for p in looked])
+
+
+def sha256_file(path) -> str:
+    """sha256 hex of a file, memoised by (absolute path, size, mtime_ns) in the medgen cache."""
+    from ..data.cache import default_cache_dir
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    memo = default_cache_dir() / "sha256" / f"{key}.json"
+    try:
+        return json.loads(memo.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(path), "sha256": digest}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def load_pickled_state(path) -> dict:
+    """A third-party pickled state dict, read with ``torch.load(weights_only=True)`` on the CPU."""
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read weights: {type(exc).__name__}: {exc}", path,
+                         "the file must be a plain PyTorch state dict (weights_only loading)") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError("weights file does not hold a state dict", path, "provide the original checkpoint file")
+    return state
