@@ -16,6 +16,7 @@ Everything here is a leaf below the other torch modules (ARCHITECTURE.md "Depend
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import os
 import signal
 import sys
@@ -217,3 +218,57 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         self._previous.clear()
+
+
+# --------------------------------------------------------------------------- data parallel (torchrun)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device_pref: str = "auto") -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (RANK/WORLD_SIZE/LOCAL_RANK), else a world of one.
+
+    NCCL on GPUs (one per local rank), gloo on the CPU. Returns the world and this rank's device.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), pick_device(device_pref)
+    import torch.distributed as dist
+
+    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = pick_device(device_pref)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return world, dev
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def any_rank(flag: bool, world: World, device) -> bool:
+    """True when `flag` is true on any rank (so every rank stops at the same step)."""
+    if world.size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

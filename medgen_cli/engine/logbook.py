@@ -19,8 +19,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class Logbook:
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled  # only rank 0 of a data-parallel job writes
         self._tb = None
 
     def _writer(self):
@@ -35,6 +35,8 @@ class Logbook:
         return self._tb
 
     def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
         rec = {**rec, "time": time.time()}
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -50,7 +52,8 @@ class Logbook:
         log.info(f"[{rec.get('kind', 'log')}] {shown}")
 
     def status(self, state: str, st=None) -> None:
-        write_status(self.run_dir, state, step=getattr(st, "step", None), epoch=getattr(st, "epoch", None))
+        if self.enabled:
+            write_status(self.run_dir, state, step=getattr(st, "step", None), epoch=getattr(st, "epoch", None))
 
 
 def write_status(run_dir: Path, state: str, **extra) -> None:

@@ -9,6 +9,7 @@ give bit-identical weights on CPU. A SIGTERM/SIGUSR1 saves after the current ste
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..errors import InputError, Interrupted
-from ..runtime import autocast, keyed_generator, rand_keyed, randn_keyed
+from ..errors import ConfigError, InputError, Interrupted
+from ..runtime import World, any_rank, autocast, keyed_generator, rand_keyed, randn_keyed
 from .ema import EMA
 from .logbook import Logbook
 from .schedule import lr_at
@@ -58,8 +59,18 @@ def diffusion_loss(model, strategy, image, cond, u, noise):
 
 class Trainer:
     def __init__(self, model: nn.Module, strategy, train_ds, val_ds, cfg, run_dir: Path,
-                 config_json: str, device: torch.device, num_workers: int = 0):
-        self.model, self.strategy, self.cfg = model.to(device), strategy, cfg
+                 config_json: str, device: torch.device, num_workers: int = 0, world: World = World()):
+        self.model, self.strategy, self.cfg, self.world = model.to(device), strategy, cfg, world
+        if cfg.batch_size % world.size:
+            raise ConfigError(f"train.batch_size={cfg.batch_size} does not split over {world.size} processes",
+                              "train.batch_size", "use a global batch size divisible by the number of GPUs")
+        self.local_batch = cfg.batch_size // world.size
+        self.net = self.model  # what the training step calls: the DDP wrapper when data-parallel
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
         self.config_json, self.num_workers = config_json, num_workers
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -67,12 +78,17 @@ class Trainer:
         e = cfg.ema
         self.ema = EMA(self.model, e.decay, e.start_step, e.every) if e.enabled else None
         self.state = State()
-        self.steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-        self.book = Logbook(self.run_dir)
+        # Incomplete last batches are dropped (when a full one exists), so every step has the same
+        # global batch and data-parallel ranks always hold equal shares.
+        n = len(train_ds)
+        self.steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
+        self.book = Logbook(self.run_dir, enabled=world.main)  # rank 0 writes logs and checkpoints
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
-        return [(self.cfg.seed, stream, step, j) for j in range(n)]
+        """Keys of this rank's samples: global sample index = rank * local batch + j."""
+        first = self.world.rank * self.local_batch
+        return [(self.cfg.seed, stream, step, first + j) for j in range(n)]
 
     def _permutation(self, epoch: int) -> list[int]:
         g = keyed_generator(self.cfg.seed, STREAM_SHUFFLE, epoch)
@@ -82,7 +98,9 @@ class Trainer:
     def _batches(self, epoch: int):
         """The rest of this epoch's batches, from the saved position on, as (image, cond) on device."""
         bs, perm = self.cfg.batch_size, self._permutation(epoch)
-        chunks = [perm[p * bs:(p + 1) * bs] for p in range(self.state.pos, self.steps_per_epoch)]
+        lo = self.world.rank * self.local_batch  # this rank's share of each global batch
+        chunks = [perm[p * bs:(p + 1) * bs][lo:lo + self.local_batch]
+                  for p in range(self.state.pos, self.steps_per_epoch)]
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=chunks, collate_fn=collate,
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -100,7 +118,7 @@ class Trainer:
         noise = randn_keyed(tuple(image.shape[1:]), self._keys(STREAM_NOISE, s, b), self.device)
         self.model.train()
         with autocast(self.device, cfg.precision):
-            loss, *_ = diffusion_loss(self.model, self.strategy, image, cond, u, noise)
+            loss, *_ = diffusion_loss(self.net, self.strategy, image, cond, u, noise)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         self.opt.step()
@@ -147,7 +165,10 @@ class Trainer:
         return {"val_loss": sum(losses) / n, "val_psnr": sum(psnrs) / n}
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        self._saved_step = self.state.step
+        if not self.world.main:
+            return None
         groups = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
@@ -159,14 +180,11 @@ class Trainer:
         if self.state.best_step == self.state.step:
             ckpt.set_pointer(self.run_dir, "BEST", step_dir)
         ckpt.prune(self.run_dir, keep_last=self.cfg.keep_last)
-        self._saved_step = self.state.step
         return step_dir
 
     def resume(self, step_dir: Path) -> None:
         model_sd = ckpt.load_group(step_dir, "model")
         self.model.load_state_dict(model_sd)
-        import json
-
         st = json.loads((Path(step_dir) / "trainer_state.json").read_text())
         self.opt.load_state_dict(ckpt.load_optimizer_state(step_dir, self.opt.state_dict()))
         if self.ema is not None:
@@ -196,9 +214,9 @@ class Trainer:
         st, cfg = self.state, self.cfg
         st.epoch, st.pos = st.epoch + 1, 0
         last = self._done()
-        if st.epoch % cfg.val_every == 0 or last:
+        if self.world.main and (st.epoch % cfg.val_every == 0 or last):
             self._after_validation(self.validate())
-        if preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last):
+        if self.world.main and preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last):
             preview(self, st.epoch)
         if st.epoch % cfg.ckpt_every == 0 or st.best_step == st.step or last:
             self.save()
@@ -220,21 +238,22 @@ class Trainer:
                     self.book.status("running", st)
                 if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0:
                     self.save()
-                if stop.requested:
+                if any_rank(stop.requested is not None, self.world, self.device):
                     self.save()
                     self.book.status("interrupted", st)
-                    raise Interrupted(f"training stopped by {stop.requested} at step {st.step}; state saved",
+                    raise Interrupted(f"training stopped by {stop.requested or 'a signal'} at step {st.step}; "
+                                      "state saved",
                                       str(self.run_dir),
                                       f"continue with: medgen train --resume --run-dir {self.run_dir}")
                 if self._done():
                     break
             if st.pos >= self.steps_per_epoch:
                 self._epoch_end(preview)
-        if st.last_val_step != st.step:  # stopped by max_steps mid-epoch
+        if self.world.main and st.last_val_step != st.step:  # stopped by max_steps mid-epoch
             self._after_validation(self.validate())
         if getattr(self, "_saved_step", -1) != st.step:
             self.save()
-        elif st.best_step == st.step:
+        elif self.world.main and st.best_step == st.step:
             ckpt.set_pointer(self.run_dir, "BEST", ckpt.resolve_step_dir(self.run_dir, "latest"))
         self.book.status("done", st)
         return st

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import socket
 import subprocess
@@ -36,6 +37,9 @@ def resolve(preset_ref: str | None, sets: list[str], flags: dict, run_dir: Path 
         return load(None, sets, flags, base=base), run_dir
     if preset_ref is None:
         raise UsageError("no preset given", "--preset", "e.g. medgen train --preset 2d-pixel-128 --data DIR")
+    if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("data-parallel training needs --run-dir (every process must name the same run)",
+                         "--run-dir", "add --run-dir runs/NAME to the torchrun command")
     loaded = load(preset_ref, sets, flags)
     if run_dir is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -77,6 +81,8 @@ def run(preset_ref, sets, flags, run_dir, resume, dry_run):
         yield dry_run_record(loaded, run_dir)
         return
     step_dir = train(loaded, run_dir, resume)
+    if step_dir is None:  # a data-parallel rank other than 0: rank 0 reports
+        return
     p = loaded.preset
     import json as _json
 
@@ -86,24 +92,28 @@ def run(preset_ref, sets, flags, run_dir, resume, dry_run):
     yield rec, str(step_dir)
 
 
-def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path:
-    """Train (or continue) the run; returns the last checkpoint's step folder."""
+def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
+    """Train (or continue) the run; returns the last checkpoint's step folder (None on ranks > 0).
+
+    Under torchrun every process runs this; rank 0 writes the run folder, logs and checkpoints."""
     from .. import checkpoint as ckpt
     from ..engine.logbook import write_json_atomic, write_status
     from ..engine.trainer import Trainer
-    from ..runtime import StopSignals, pick_device
+    from ..runtime import StopSignals, barrier, init_world
 
     p = loaded.preset
     root = build.data_root(p)
     check_data(p, root)
-    device = pick_device(p.train.device)
+    world, device = init_world(p.train.device)
     train_ds = build.build_dataset(p, p.data.train_split, root)
     val_ds = build.build_dataset(p, p.data.val_split, root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json_atomic(run_dir / "config.json", {"preset": dump(p), "provenance": provenance(loaded)})
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json_atomic(run_dir / "config.json", {"preset": dump(p), "provenance": provenance(loaded)})
+    barrier(world)
     trainer = Trainer(build.build_model(p), build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
-                      build.config_json(p), device, num_workers=p.data.num_workers)
+                      build.config_json(p), device, num_workers=p.data.num_workers, world=world)
     if resume:
         trainer.resume(ckpt.resolve_step_dir(run_dir, "latest"))
         log.info(f"resuming {run_dir} at step {trainer.state.step} (epoch {trainer.state.epoch})")
@@ -115,10 +125,11 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path:
     except BaseException as e:
         from ..errors import Interrupted
 
-        if not isinstance(e, Interrupted):
+        if world.main and not isinstance(e, Interrupted):
             write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         raise
-    return ckpt.resolve_step_dir(run_dir, "latest")
+    barrier(world)  # rank 0 has written the last checkpoint
+    return ckpt.resolve_step_dir(run_dir, "latest") if world.main else None
 
 
 def check_data(p, root: Path) -> None:
