@@ -272,3 +272,14 @@ def any_rank(flag: bool, world: World, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_float(value: float, world: World, device) -> float:
+    """Rank 0's value on every rank (e.g. an LR scale decided from rank 0's validation)."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())

@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share few cores: one intra-op thread each (and in their subprocesses)
+    # avoids oversubscription, which made multi-process tests many times slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 TINY_2D = """
 description = "tiny 2D test model"

@@ -81,7 +81,7 @@ def test_signal_then_resume_matches_uninterrupted(cli, tiny_preset, phantom_root
     """SIGTERM: saves, exits 130, state 'interrupted'. SIGKILL: the last checkpoint is intact.
     Either way resuming to N steps gives the uninterrupted run's weights bit for bit."""
     preset = tiny_preset(2, extra="\n[train.ema]\nenabled = true\nstart_step = 2\nevery = 1\n")
-    n = 120
+    n = 60
     long = ["--set", "train.epochs=1000", "--set", "train.ckpt_every_steps=2", "--set", "train.val_every=5",
             "--set", "train.preview_every=0", "--set", "train.log_every=20", "--max-steps", n]
     run = tmp_path / "killed"

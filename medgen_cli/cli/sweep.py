@@ -30,6 +30,8 @@ def solvers(
     quick: Annotated[bool, typer.Option("--quick", help="Steps {10,50}, tolerances {1e-3,1e-5}.")] = False,
     restart: Annotated[bool, typer.Option("--restart/--no-restart", help="Include the Restart grid.")] = True,
     solver: Annotated[Optional[list[str]], typer.Option("--solver", help="Only these solvers (repeatable).")] = None,
+    steps: Annotated[Optional[list[int]], typer.Option(
+        "--steps", help="Fixed-step counts instead of {5,10,25,50,100} (repeatable).")] = None,
     split: SplitOpt = None,
     data: DataOpt = None,
     batch_size: BatchOpt = None,
@@ -41,7 +43,7 @@ def solvers(
     from ..jobs import sweep as job
 
     for rec, human in job.solvers(run, out, n, split, data, metric, ref, quick, restart, solver, device,
-                                  batch_size, seed):
+                                  batch_size, seed, steps=steps):
         emit(rec, human, as_json)
 
 

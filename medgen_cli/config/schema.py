@@ -98,6 +98,28 @@ class EMAConfig(Strict):
     every: int = Field(10, ge=1)  # update interval in optimizer steps
 
 
+class SpikeSkipConfig(Strict):
+    """Skip the optimizer step when the pre-clip gradient norm exceeds factor x its running mean."""
+
+    factor: float = Field(10.0, gt=1)
+    decay: float = Field(0.99, gt=0, lt=1)  # running mean of min(norm, factor x mean): spikes cannot poison it
+    warmup: int = Field(100, ge=0)  # steps before skipping can start
+
+
+class CurriculumConfig(Strict):
+    """Timestep curriculum (rflow): t uniform in [0, m], m rising linearly from start_max to 1."""
+
+    epochs: int = Field(50, ge=1)
+    start_max: float = Field(0.3, gt=0, le=1)
+
+
+class SAMConfig(Strict):
+    """Sharpness-aware minimisation (two gradient passes); adaptive = ASAM (scaled by |w|)."""
+
+    rho: float = Field(0.05, gt=0)
+    adaptive: bool = False
+
+
 class TrainConfig(Strict):
     epochs: int = Field(500, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # cap on optimizer steps (`--max-steps`)
@@ -105,9 +127,11 @@ class TrainConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"
     warmup_epochs: float = Field(5, ge=0)  # linear warm-up from 0.1x to 1x
-    eta_min: float = Field(1e-6, ge=0)
+    eta_min: float = Field(1e-6, ge=0)  # cosine floor; also the plateau schedule's minimum
+    plateau_factor: float = Field(0.5, gt=0, lt=1)  # plateau: LR x factor after `patience` flat validations
+    plateau_patience: int = Field(10, ge=1)
     grad_clip: Optional[float] = Field(1.0, gt=0)
     ema: EMAConfig = EMAConfig()
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU, loss in fp32; fp32 on CPU
@@ -120,6 +144,15 @@ class TrainConfig(Strict):
     preview_every: int = Field(10, ge=0)  # epochs; 0 = never
     log_every: int = Field(50, ge=1)  # optimizer steps
     val_max_items: Optional[int] = Field(None, ge=1)  # cap validation cost on big splits
+    # Regularisation and tricks (SYSTEM.md §5); all off by default.
+    min_snr_gamma: Optional[float] = Field(None, gt=0)  # loss weight min(SNR, gamma) / SNR
+    grad_noise: float = Field(0.0, ge=0)  # sigma: N(0, (sigma / (1 + step)^0.55)^2) added after clipping
+    noise_augmentation: float = Field(0.0, ge=0)  # noise' = (noise + s z) / sqrt(1 + s^2)
+    timestep_jitter: float = Field(0.0, ge=0)  # rflow: t += N(0, s^2), clamped to [0, 1]
+    curriculum: Optional[CurriculumConfig] = None
+    spike_skip: Optional[SpikeSkipConfig] = None
+    feature_perturbation: float = Field(0.0, ge=0)  # std of noise added to the UNet middle block in training
+    sam: Optional[SAMConfig] = None
 
 
 class SampleConfig(Strict):
@@ -149,7 +182,7 @@ class SampleConfig(Strict):
 
 
 class EvalConfig(Strict):
-    metrics: list[Literal["psnr", "msssim"]] = ["psnr", "msssim"]
+    metrics: list[Literal["psnr", "msssim", "ssim", "lpips"]] = ["psnr", "msssim"]  # one-step x0 metrics
     split: str = "val"  # split for one-step x0 reconstruction metrics
     max_items: Optional[int] = Field(None, ge=1)
 
@@ -172,6 +205,7 @@ class CompatConfig(Strict):
     """Reference quirks, reproduced only on request (SYSTEM.md §12); all off by default."""
 
     sampled_feret: bool = False  # size bins from a random voxel subset, as the reference computed
+    min_snr_rflow_unsquared: bool = False  # rflow SNR = (1-t)/t, as the reference's code before 2026-01-18
 
 
 class Preset(Strict):
@@ -199,6 +233,15 @@ class Preset(Strict):
                                  f"model's down-sampling factor {f}")
             if self.data.pad_depth_to < self.data.depth:
                 raise ValueError("data.pad_depth_to is smaller than data.depth")
+        return self
+
+    @model_validator(mode="after")
+    def _tricks_fit_strategy(self):
+        t = self.train
+        if self.diffusion.kind != "rflow" and (t.curriculum or t.timestep_jitter):
+            raise ValueError("train.curriculum and train.timestep_jitter are defined for rflow only")
+        if t.feature_perturbation and self.model.kind != "unet":
+            raise ValueError("train.feature_perturbation needs a UNet (it perturbs the middle block)")
         return self
 
     # Channel layout of each mode: (image channels, condition channels).

@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..errors import ConfigError, InputError, Interrupted
-from ..runtime import World, any_rank, autocast, keyed_generator, rand_keyed, randn_keyed
+from ..runtime import World, any_rank, autocast, broadcast_float, keyed_generator, keyed_seed, rand_keyed, randn_keyed
+from . import tricks
 from .ema import EMA
 from .logbook import Logbook
 from .schedule import lr_at
@@ -29,7 +30,8 @@ from .schedule import lr_at
 log = logging.getLogger("medgen")
 
 # Stream ids keep the keyed random draws of different purposes apart.
-STREAM_SHUFFLE, STREAM_T, STREAM_NOISE, STREAM_VAL_T, STREAM_VAL_NOISE, STREAM_PREVIEW = range(1, 7)
+(STREAM_SHUFFLE, STREAM_T, STREAM_NOISE, STREAM_VAL_T, STREAM_VAL_NOISE, STREAM_PREVIEW, STREAM_NOISE_AUG,
+ STREAM_JITTER, STREAM_GRAD_NOISE, STREAM_FEATURES) = range(1, 11)
 
 
 @dataclass
@@ -48,18 +50,25 @@ def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return image, cond
 
 
-def diffusion_loss(model, strategy, image, cond, u, noise):
-    """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t)."""
-    t = strategy.times_from_uniform(u)  # (B,)
+def loss_at(model, strategy, image, cond, t, noise, weight=None):
+    """One forward pass at times t (B,); returns (fp32 loss, prediction, x_t, target)."""
     x_t = strategy.noisy(image, noise, t)  # (B, C, ...)
     target = strategy.target(image, noise, t)
     pred = model(torch.cat([x_t, cond], dim=1), strategy.model_time(t))
-    return strategy.loss(pred.float(), target.float()), pred, x_t, t
+    return strategy.loss(pred.float(), target.float(), weight), pred, x_t, target
+
+
+def diffusion_loss(model, strategy, image, cond, u, noise):
+    """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t)."""
+    t = strategy.times_from_uniform(u)  # (B,)
+    loss, pred, x_t, _ = loss_at(model, strategy, image, cond, t, noise)
+    return loss, pred, x_t, t
 
 
 class Trainer:
     def __init__(self, model: nn.Module, strategy, train_ds, val_ds, cfg, run_dir: Path,
-                 config_json: str, device: torch.device, num_workers: int = 0, world: World = World()):
+                 config_json: str, device: torch.device, num_workers: int = 0, world: World = World(),
+                 min_snr_unsquared: bool = False):
         self.model, self.strategy, self.cfg, self.world = model.to(device), strategy, cfg, world
         if cfg.batch_size % world.size:
             raise ConfigError(f"train.batch_size={cfg.batch_size} does not split over {world.size} processes",
@@ -83,6 +92,12 @@ class Trainer:
         n = len(train_ds)
         self.steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
         self.book = Logbook(self.run_dir, enabled=world.main)  # rank 0 writes logs and checkpoints
+        self.spike = tricks.SpikeGuard(**cfg.spike_skip.model_dump()) if cfg.spike_skip else None
+        self.plateau = tricks.Plateau(cfg.plateau_factor, cfg.plateau_patience) \
+            if cfg.schedule == "plateau" else None
+        self.features = tricks.FeaturePerturbation(self.model, cfg.feature_perturbation) \
+            if cfg.feature_perturbation else None
+        self.min_snr_unsquared = min_snr_unsquared
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
@@ -108,20 +123,62 @@ class Trainer:
             yield image.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
 
     # ---- one optimizer step -----------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        cfg = self.cfg
+        kind = "constant" if cfg.schedule == "plateau" else cfg.schedule
+        lr = lr_at(step, cfg.lr, self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, kind, cfg.eta_min)
+        return max(lr * self.plateau.state["scale"], cfg.eta_min) if self.plateau else lr
+
+    def _draws(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's times t (B,) and noise, keyed; curriculum, jitter and noise augmentation."""
+        cfg, s, b = self.cfg, self.state.step, image.shape[0]
+        shape = tuple(image.shape[1:])
+        u = rand_keyed(self._keys(STREAM_T, s, b), self.device)  # (B,)
+        if cfg.curriculum:
+            c = cfg.curriculum
+            t = tricks.snap_rflow(self.strategy, u * tricks.curriculum_max(self.state.epoch, c.epochs, c.start_max))
+        else:
+            t = self.strategy.times_from_uniform(u)
+        if cfg.timestep_jitter:
+            z = randn_keyed((), self._keys(STREAM_JITTER, s, b), self.device)  # (B,)
+            t = tricks.snap_rflow(self.strategy, (t + cfg.timestep_jitter * z).clamp(0, 1))
+        noise = randn_keyed(shape, self._keys(STREAM_NOISE, s, b), self.device)
+        if cfg.noise_augmentation:
+            extra = randn_keyed(shape, self._keys(STREAM_NOISE_AUG, s, b), self.device)
+            noise = tricks.augment_noise(noise, extra, cfg.noise_augmentation)
+        return t, noise
+
+    def _loss(self, image, cond, t, noise) -> torch.Tensor:
+        cfg, s = self.cfg, self.state.step
+        weight = None
+        if cfg.min_snr_gamma:
+            weight = tricks.min_snr_weight(self.strategy, t, cfg.min_snr_gamma, self.min_snr_unsquared)
+        if self.features:
+            self.features.generator.manual_seed(keyed_seed(cfg.seed, STREAM_FEATURES, s, self.world.rank))
+        with autocast(self.device, cfg.precision):
+            loss, *_ = loss_at(self.net, self.strategy, image, cond, t, noise, weight)
+        return loss
+
     def _step(self, image, cond) -> dict:
         cfg, s = self.cfg, self.state.step
-        lr = lr_at(s, cfg.lr, self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.schedule, cfg.eta_min)
+        lr = self._lr(s)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        b = image.shape[0]
-        u = rand_keyed(self._keys(STREAM_T, s, b), self.device)  # (B,)
-        noise = randn_keyed(tuple(image.shape[1:]), self._keys(STREAM_NOISE, s, b), self.device)
+        t, noise = self._draws(image)
         self.model.train()
-        with autocast(self.device, cfg.precision):
-            loss, *_ = diffusion_loss(self.net, self.strategy, image, cond, u, noise)
+        loss = self._loss(image, cond, t, noise)
         loss.backward()
+        if cfg.sam:  # second pass at the (A)SAM ascent point; its gradient drives the step
+            moves = tricks.sam_perturb(self.model, cfg.sam.rho, cfg.sam.adaptive)
+            self.opt.zero_grad(set_to_none=True)
+            self._loss(image, cond, t, noise).backward()
+            tricks.sam_restore(moves)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        self.opt.step()
+        if not (self.spike and self.spike.skip(float(norm))):
+            if cfg.grad_noise:
+                g = keyed_generator(cfg.seed, STREAM_GRAD_NOISE, s)
+                tricks.add_grad_noise(self.model.parameters(), cfg.grad_noise, s, g)
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.state.step += 1
         if self.ema is not None:
@@ -172,7 +229,9 @@ class Trainer:
         groups = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
         if self.ema is not None:
             groups["ema"] = self.ema.shadow
-        state = {**asdict(self.state), "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed}
+        state = {**asdict(self.state), "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed,
+                 "spike": self.spike.state if self.spike else None,
+                 "plateau": self.plateau.state if self.plateau else None}
         if math.isinf(state["best_val"]):
             state["best_val"] = None
         step_dir = ckpt.save_checkpoint(self.run_dir, self.state.step, self.state.epoch, groups, state,
@@ -196,6 +255,9 @@ class Trainer:
         self.state = State(step=st["step"], epoch=st["epoch"], pos=st["pos"],
                            best_val=math.inf if best is None else best, best_step=st["best_step"],
                            last_val_step=st.get("last_val_step", -1))
+        for part, name in ((self.spike, "spike"), (self.plateau, "plateau")):
+            if part is not None and st.get(name):
+                part.state.update(st[name])
         self._saved_step = self.state.step
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -207,6 +269,8 @@ class Trainer:
         st = self.state
         st.last_val_step = st.step
         self.book.log({"kind": "val", "step": st.step, "epoch": st.epoch, **metrics})
+        if self.plateau:
+            self.plateau.observe(metrics["val_loss"])
         if 0 < metrics["val_loss"] < st.best_val:
             st.best_val, st.best_step = metrics["val_loss"], st.step
 
@@ -216,6 +280,8 @@ class Trainer:
         last = self._done()
         if self.world.main and (st.epoch % cfg.val_every == 0 or last):
             self._after_validation(self.validate())
+        if self.plateau:  # rank 0 validated; every rank must use its LR scale
+            self.plateau.state["scale"] = broadcast_float(self.plateau.state["scale"], self.world, self.device)
         if self.world.main and preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last):
             preview(self, st.epoch)
         if st.epoch % cfg.ckpt_every == 0 or st.best_step == st.step or last:

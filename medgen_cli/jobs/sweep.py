@@ -68,11 +68,14 @@ class Config:
         return opts
 
 
-def grid(quick: bool = False, restart: bool = True, solvers: list[str] | None = None) -> list[Config]:
-    """The reference grid (SYSTEM.md §9): fixed × steps, adaptive × tolerances, then the Restart grid."""
+def grid(quick: bool = False, restart: bool = True, solvers: list[str] | None = None,
+         steps: list[int] | None = None) -> list[Config]:
+    """The reference grid (SYSTEM.md §9): fixed × steps, adaptive × tolerances, then the Restart grid.
+    ``steps`` replaces the fixed-step counts."""
     from ..solvers import ADAPTIVE, FIXED
 
-    steps, tols = (QUICK_STEPS, QUICK_TOLS) if quick else (FIXED_STEPS, TOLS)
+    dsteps, tols = (QUICK_STEPS, QUICK_TOLS) if quick else (FIXED_STEPS, TOLS)
+    steps = steps or dsteps
     chosen = solvers or list(FIXED) + list(ADAPTIVE)
     out = [Config(s, n) for s in FIXED if s in chosen for n in steps]
     out += [Config(s, tol=t) for s in ADAPTIVE if s in chosen for t in tols]
@@ -137,8 +140,10 @@ class Sweep:
         return out
 
     def _append(self, rec: dict) -> None:
-        with open(self.out / "results.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        path = self.out / "results.jsonl"
+        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(("\n" if torn else "") + json.dumps(rec) + "\n")  # a line cut by a crash stays apart
             fh.flush()
             os.fsync(fh.fileno())
         self.results[rec["id"]] = rec
@@ -292,7 +297,7 @@ def _default_out(ck, name: str) -> Path:
 
 
 def solvers(run, out=None, n=4, split=None, data=None, metrics=None, ref="ode", quick=False, restart=True,
-            only=None, device=None, batch_size=None, seed=None, weights=None, which=None):
+            only=None, device=None, batch_size=None, seed=None, weights=None, which=None, steps=None):
     """`medgen eval solvers`: yields (metric record, human line) per configuration and metric."""
     from . import sample as sj
 
@@ -305,7 +310,9 @@ def solvers(run, out=None, n=4, split=None, data=None, metrics=None, ref="ode", 
             get_solver(s)
     sw = Sweep(run, Path(out) if out else _default_out(ck, "solver-sweep"), n, split, data, metrics, ref, device,
                batch_size, seed, weights, which)
-    configs = grid(quick, restart, only)
+    if steps and min(steps) < 1:
+        raise UsageError(f"--steps must be >= 1, got {min(steps)}", "--steps", "e.g. --steps 10 --steps 25")
+    configs = grid(quick, restart, only, steps)
     rows = []
     for cfg in configs:
         rec = sw.evaluate(cfg)

@@ -113,7 +113,8 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
             write_json_atomic(run_dir / "config.json", {"preset": dump(p), "provenance": provenance(loaded)})
     barrier(world)
     trainer = Trainer(build.build_model(p), build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
-                      build.config_json(p), device, num_workers=p.data.num_workers, world=world)
+                      build.config_json(p), device, num_workers=p.data.num_workers, world=world,
+                      min_snr_unsquared=p.compat.min_snr_rflow_unsquared)
     if resume:
         trainer.resume(ckpt.resolve_step_dir(run_dir, "latest"))
         log.info(f"resuming {run_dir} at step {trainer.state.step} (epoch {trainer.state.epoch})")
