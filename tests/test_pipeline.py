@@ -121,3 +121,20 @@ def test_full_demo_learns(tmp_path):
     evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     trained = [e["value"] for e in evals if e["name"] == "psnr"][0]
     assert trained > _untrained_psnr(run) + 3.0
+
+
+def test_output_grid_keeps_orientation_origin_and_physical_centre(tmp_path):
+    """Resize 32 -> 16 in-plane: the mask's affine keeps its axes, voxels double, the centre stays."""
+    from medgen_cli.jobs.sample import model_grid
+
+    aff = np.array([[0.0, -0.9375, 0.0, 10.0], [0.9375, 0.0, 0.0, -20.0], [0.0, 0.0, 1.2, 30.0], [0, 0, 0, 1]])
+    path = tmp_path / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.uint8), aff), str(path))
+    spacing, new = model_grid(path, None, 16)
+    assert np.allclose(spacing, (1.875, 1.875, 1.2))
+    assert np.allclose(new[:3, :2] / np.linalg.norm(new[:3, :2], axis=0), aff[:3, :2] / 0.9375)
+    centre_old = aff @ np.array([15.5, 15.5, 7.5, 1.0])
+    centre_new = new @ np.array([7.5, 7.5, 7.5, 1.0])
+    assert np.allclose(centre_old, centre_new)
+    spacing, _ = model_grid(path, (1.0, 1.0, 1.0), 16)  # data.spacing overrides the header's sizes
+    assert np.allclose(spacing, (2.0, 2.0, 1.0))

@@ -49,12 +49,27 @@ def checkpoint_ref(run: str | None) -> str:
     return recs[-1]["path"]
 
 
-def _spacing(path: Path, override, size_hw: tuple[int, int], image_size: int) -> tuple[float, float, float]:
+def model_grid(path: Path, override, image_size: int) -> tuple[tuple[float, float, float], np.ndarray]:
+    """(x, y, z) spacing and affine of a source file's grid after the in-plane resize to image_size.
+
+    The source affine keeps its orientation and origin; its x/y columns are scaled by old/new size
+    and the origin moves to the centre of the new first voxel. `override` (data.spacing) replaces
+    the header's voxel sizes first (the reference's files carry identity affines).
+    """
     import nibabel as nib
 
-    zooms = tuple(float(z) for z in nib.load(str(path)).header.get_zooms()[:3])
-    sx, sy, sz = override if override else (zooms + (1.0, 1.0, 1.0))[:3]
-    return (sx * size_hw[0] / image_size, sy * size_hw[1] / image_size, sz)
+    img = nib.load(str(path))
+    aff = np.array(img.affine, dtype=np.float64)
+    if override:
+        for k in range(3):
+            col = aff[:3, k]
+            aff[:3, k] = col / (np.linalg.norm(col) or 1.0) * override[k]
+    for k, old in enumerate(img.shape[:2]):
+        scale = old / image_size
+        aff[:3, 3] += aff[:3, k] * (scale - 1) / 2  # centre of the new first voxel
+        aff[:3, k] *= scale
+    spacing = tuple(float(np.linalg.norm(aff[:3, k])) for k in range(3))
+    return spacing, aff
 
 
 def conditions(preset, root: Path | None, split: str, n: int) -> list[Condition]:
@@ -84,10 +99,9 @@ def _volume_conditions(preset, root, split, n) -> list[Condition]:
     for p in pats:
         seg = load_patient(p, ["seg"], d.image_size, d.normalization, pad_depth_to=d.pad_depth_to,
                            pad_mode=d.pad_mode, cache_dir=d.cache_dir)["seg"]  # (D, H, W)
-        img = nib.load(str(p / "seg.nii.gz"))
-        h, w, depth = img.shape[:3]
-        out.append(Condition(seg[None], str(p / "seg.nii.gz"), _spacing(p / "seg.nii.gz", d.spacing, (h, w),
-                                                                         d.image_size), depth))
+        depth = nib.load(str(p / "seg.nii.gz")).shape[2]
+        sp, aff = model_grid(p / "seg.nii.gz", d.spacing, d.image_size)
+        out.append(Condition(seg[None], str(p / "seg.nii.gz"), sp, depth, aff))
     return out
 
 
@@ -100,11 +114,8 @@ def _slice_conditions(preset, root, split, n) -> list[Condition]:
     for i in range(n):
         it = ds[i]
         mask = Path(root) / split / it["patient"] / "seg.nii.gz"
-        import nibabel as nib
-
-        h, w = nib.load(str(mask)).shape[:2]
-        sp = _spacing(mask, preset.data.spacing, (h, w), preset.data.image_size)
-        out.append(Condition(it["cond"].numpy(), f"{mask}#slice={it['slice']}", sp, None))
+        sp, aff = model_grid(mask, preset.data.spacing, preset.data.image_size)
+        out.append(Condition(it["cond"].numpy(), f"{mask}#slice={it['slice']}", sp, None, aff))
     return out
 
 
@@ -299,12 +310,13 @@ def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, roo
     disk = np.transpose(arr, (1, 2, 0)) if arr.ndim == 3 else arr  # (H, W, D) or (H, W)
     if as_volume and disk.ndim == 2:
         disk = disk[..., None]  # (H, W, 1): a dataset file is always a volume
-    path = write_nifti(folder / f"{modality}.nii.gz", disk.astype(np.uint8) if is_seg else disk, spacing=c.spacing)
+    geo = {"affine": c.affine} if c.affine is not None else {"spacing": c.spacing}  # the mask's grid, else FOV
+    path = write_nifti(folder / f"{modality}.nii.gz", disk.astype(np.uint8) if is_seg else disk, **geo)
     if c.cond.shape[0]:
         m = c.cond[0][: c.depth] if arr.ndim == 3 else c.cond[0]
         m = np.transpose(m, (1, 2, 0)) if m.ndim == 3 else m
         m = m[..., None] if as_volume and m.ndim == 2 else m
-        write_nifti(folder / "seg.nii.gz", (m > 0.5).astype(np.uint8), spacing=c.spacing)
+        write_nifti(folder / "seg.nii.gz", (m > 0.5).astype(np.uint8), **geo)
     save_png(out / "previews" / f"{i:05d}.png", view(arr))
     return records.make(
         "sample", path=str(path), run=str(Path(ck.step_dir).parent.parent), checkpoint=str(ck.step_dir),
