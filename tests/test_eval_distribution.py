@@ -100,3 +100,11 @@ def test_phantom_fid_separates_shift():
     assert len(a) >= 500
     same, shifted = D.fid(a, b).value, D.fid(a, c).value
     assert same < 0.2 * shifted, (same, shifted)
+
+
+def test_fid_torch_path_equals_numpy():
+    from medgen_cli.metrics import distribution as D
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(300, 24)), rng.normal(0.3, 1.2, size=(200, 24))
+    assert D.fid(a, b, device="cpu").value == pytest.approx(D.fid(a, b).value, rel=1e-9)

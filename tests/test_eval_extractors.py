@@ -97,3 +97,108 @@ def test_full_biomedclip_architecture(offline_caches):
     tiny_biomedclip(offline_caches / "hf", "vit_base_patch16_224", 224, 512)
     ext = features.load("biomedclip", device="cpu")
     assert ext(torch.rand(2, 1, 256, 256)).shape == (2, 512)
+
+
+def _random_state(net, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight)
+    return {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def test_radimagenet_extractor_from_hub_cache(offline_caches):
+    from medgen_cli.metrics import nets
+
+    ck = offline_caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    net = nets.KerasResNet50()
+    torch.save(_random_state(net), ck / features.RADIMAGENET_FILE)
+    ext = features.load("radimagenet-resnet50", device="cpu")
+    assert ext.dim == 2048 and ext.size == 224 and len(ext.sha256) == 64
+    assert "BGR" in ext.preprocessing and "std [1.0, 1.0, 1.0]" in ext.preprocessing
+    x = torch.rand(2, 1, 48, 48)
+    out = ext(x)
+    up = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+    mean = torch.tensor(features.RADIMAGENET_BGR_MEAN).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = net.eval()(up.expand(-1, 3, -1, -1) - mean).mean((2, 3))
+    assert out.shape == (2, 2048) and torch.allclose(out, want, rtol=1e-4, atol=1e-5)
+    # the stride sits on the first 1x1 convolution (Keras), so the file's shapes are torchvision's + biases
+    assert net.layer2[0].conv1.stride == (2, 2) and net.layer2[0].conv2.stride == (1, 1)
+
+
+def test_fid_inception_matches_torchvision_layout_and_loads(offline_caches):
+    import torchvision.models.inception as tvi
+
+    from medgen_cli.metrics import nets
+
+    ours = nets.FIDInception()
+    tv = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    theirs = {k: v.shape for k, v in tv.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs  # the ported file's keys and shapes
+    state = _random_state(ours)
+    tv.load_state_dict(state, strict=False)
+    tv.eval(), ours.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # blocks agree with torchvision's except where the FID graph pools differently
+        x = torch.rand(1, 288, 9, 9, generator=g)
+        assert torch.allclose(ours.Mixed_6a(x), tv.Mixed_6a(x), atol=1e-5)
+        x = torch.rand(1, 192, 7, 7, generator=g)
+        a, b = ours.Mixed_5b(x), tv.Mixed_5b(x)
+        assert torch.allclose(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-5)  # interior: padding unused
+        assert not torch.allclose(a, b, atol=1e-5)  # border: the average excludes the padding
+        x = torch.rand(1, 768, 9, 9, generator=g)
+        assert torch.allclose(ours.Mixed_7a(x), tv.Mixed_7a(x), atol=1e-5)
+        a, b = ours.Mixed_6b(x), tv.Mixed_6b(x)
+        assert torch.allclose(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-5)
+        x = torch.rand(1, 1280, 5, 5, generator=g)
+        a, b = ours.Mixed_7b(x), tv.Mixed_7b(x)
+        assert torch.allclose(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1], atol=1e-5)
+    ck = offline_caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(state, ck / features.FID_INCEPTION_FILE)
+    ext = features.load("inception-v3", device="cpu")
+    assert ext.size == 299 and ext.dim == 2048 and "mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]" in ext.preprocessing
+    out = ext(torch.rand(2, 1, 64, 64))
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    bad = offline_caches / "tv.pth"
+    torch.save(tv.state_dict() | {"AuxLogits.fc.weight": torch.zeros(1)}, bad)
+    with pytest.raises(InputError, match="FID Inception"):
+        features.load("inception-v3", weights=bad)
+
+
+@pytest.mark.slow
+def test_torchvision_inception_is_registered_apart(offline_caches):
+    import torchvision
+
+    ck = offline_caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(),
+               ck / features.TV_INCEPTION_FILE)
+    ext = features.load("inception-v3-torchvision", device="cpu")
+    assert ext(torch.rand(1, 1, 64, 64)).shape == (1, 2048)
+    with pytest.raises(InputError):
+        features.load("inception-v3")  # the FID network's file is a different one
+
+
+@pytest.mark.slow
+def test_fid_inception_equals_pytorch_fid_with_the_real_file():
+    """Equality with pytorch-fid's features (hence its FID numbers) needs the real ported weights
+    (pt_inception-2015-12-05-6726825d.pth, 91 MB) and the pytorch-fid package; random weights can only
+    check the layout (above). Skipped when either is absent (this workplace has neither)."""
+    try:
+        path = features.find_weights("inception-v3")
+    except InputError:
+        pytest.skip("pt_inception-2015-12-05-6726825d.pth not found offline")
+    pf = pytest.importorskip("pytorch_fid.inception")
+    ext = features.load("inception-v3", weights=path, device="cpu", precision="fp32")
+    ref = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True).eval()
+    x = torch.rand(4, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x.expand(-1, 3, -1, -1))[0].flatten(1)
+    assert torch.allclose(ext(x), want, rtol=1e-4, atol=1e-4)

@@ -22,35 +22,56 @@ MinOpt = Annotated[Optional[list[str]], typer.Option("--min", help="Fail (exit 6
 ItemsOpt = Annotated[Optional[int], typer.Option("--max-items", help="Evaluate at most this many items.")]
 
 
+PairedWeightsOpt = Annotated[Optional[Path], typer.Option(
+    "--weights", help="Network weights file; else $MEDGEN_WEIGHTS_<NAME>, $MEDGEN_WEIGHTS_DIR, the torch hub cache.")]
+
+
 def _metric(name: str):
     def command(gen: GenOpt = None, ref: RefOpt = None, run: RunOpt = None, split: SplitOpt = None,
                 data: DataOpt = None, max_items: ItemsOpt = None, max_: MaxOpt = None,
                 min_: MinOpt = None, device: DeviceOpt = None, as_json: JsonOpt = False) -> None:
-        from ..jobs import evaluate as job
+        _paired(name, gen, ref, run, split, data, max_items, max_, min_, device, as_json, None)
 
-        results = job.run(name, gen=gen, ref=ref, run=run, split=split, data=data,
-                          max_items=max_items, device=device)
-        for rec, human in results:
-            emit(rec, human, as_json)
-        job.check_thresholds([r for r, _ in results], max_ or [], min_ or [])
+    def with_weights(gen: GenOpt = None, ref: RefOpt = None, run: RunOpt = None, split: SplitOpt = None,
+                     data: DataOpt = None, weights: PairedWeightsOpt = None, max_items: ItemsOpt = None,
+                     max_: MaxOpt = None, min_: MinOpt = None, device: DeviceOpt = None,
+                     as_json: JsonOpt = False) -> None:
+        _paired(name, gen, ref, run, split, data, max_items, max_, min_, device, as_json, weights)
+
+    if name in ("lpips", "perceptual-radimagenet"):
+        command = with_weights
 
     command.__doc__ = {"psnr": "PSNR in dB on [0,1] (per sample, capped at 100 dB, averaged).",
                        "msssim": "MS-SSIM (2D; slice-wise and volumetric for 3D volumes).",
                        "ssim": "SSIM (MONAI, Gaussian 11, sigma 1.5; 3D: slice-wise and volumetric).",
-                       "lpips": "Standard LPIPS (AlexNet, v0.1), slice-wise for volumes."}[name]
+                       "lpips": "Standard LPIPS (AlexNet, v0.1), slice-wise for volumes.",
+                       "perceptual-radimagenet": "The reference's 'LPIPS': MONAI PerceptualLoss with the RadImageNet "
+                                                 "ResNet50 (paired; volumes slice-wise in chunks of 32)."}[name]
     return command
+
+
+def _paired(name, gen, ref, run, split, data, max_items, max_, min_, device, as_json, weights) -> None:
+    from ..jobs import evaluate as job
+
+    results = job.run(name, gen=gen, ref=ref, run=run, split=split, data=data,
+                      max_items=max_items, device=device, weights=weights)
+    for rec, human in results:
+        emit(rec, human, as_json)
+    job.check_thresholds([r for r, _ in results], max_ or [], min_ or [])
 
 
 app.command("psnr")(_metric("psnr"))
 app.command("msssim")(_metric("msssim"))
 app.command("ssim")(_metric("ssim"))
 app.command("lpips")(_metric("lpips"))
+app.command("perceptual-radimagenet")(_metric("perceptual-radimagenet"))
 
 # ---- distribution metrics ----------------------------------------------------------------------
 DistRefOpt = Annotated[Optional[str], typer.Option(
     "--ref", help="train|val|test|all (data root from the sample records, else --data) or a folder.")]
 ExtractorOpt = Annotated[Optional[str], typer.Option(
-    "--extractor", help="resnet50-imagenet (FID/KID default) | biomedclip (CMMD default).")]
+    "--extractor", help="resnet50-imagenet (FID/KID default) | biomedclip (CMMD default) | radimagenet-resnet50 | "
+                        "inception-v3 (the literature's FID network) | inception-v3-torchvision.")]
 WeightsOpt = Annotated[Optional[Path], typer.Option(
     "--weights", help="Weights file (or snapshot folder); else $MEDGEN_WEIGHTS_<NAME>, then the caches.")]
 ProtocolOpt = Annotated[str, typer.Option("--protocol", help="KID/CMMD: reference | standard | both.")]

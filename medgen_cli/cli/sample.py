@@ -31,6 +31,11 @@ def sample(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     split: Annotated[Optional[str], typer.Option(
         "--split", help="Bravo mode: condition on the first n sorted masks of this split.")] = None,
+    bins: Annotated[Optional[str], typer.Option(
+        "--bins", help="Size-bin models: tumour counts per bin 0-3,3-6,6-10,10-15,15-20,20-30,>=30 mm "
+                       "(e.g. 1,0,2,0,0,0,0); default: the bins of the --split masks.")] = None,
+    modality: Annotated[Optional[str], typer.Option(
+        "--modality", help="Multi-modality models: bravo | flair | t1_pre | t1_gd (default bravo).")] = None,
     data: DataOpt = None,
     weights: Annotated[Optional[str], typer.Option("--weights", help="ema | raw.")] = None,
     which: Annotated[Optional[str], typer.Option("--which", help="best | latest | step-N.")] = None,
@@ -56,7 +61,8 @@ def sample(
     opts = {"solver": solver, "steps": steps, "n": n, "seed": seed, "batch_size": batch_size,
             "split": split, "weights": weights, "which": which, "atol": atol, "rtol": rtol, "grid": grid,
             "cfg": cfg, "cfg_end": cfg_end, "restart": restart, "state_dtype": state_dtype,
-            "max_retries": max_retries, "max_tumour_fraction": max_tumour_fraction}
+            "max_retries": max_retries, "max_tumour_fraction": max_tumour_fraction, "bins": bins,
+            "modality": modality}
     pair = None
     if paired:
         pair = {"mask_run": mask_run, "mask_steps": mask_steps, "atlas": atlas, "out_split": out_split}

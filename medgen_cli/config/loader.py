@@ -69,10 +69,14 @@ def _read(path: Path) -> tuple[dict, str]:
 
 
 def merge(base: dict, over: dict) -> dict:
-    """Deep merge: tables merge key by key, anything else replaces."""
+    """Deep merge: tables merge key by key, anything else replaces. A table that names a different
+    `kind` than the base's replaces it whole (switching the model family or the strategy drops the old
+    one's keys: `--set model.kind=dit` on a UNet preset, or a DiT preset extending a UNet one)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        same_kind = isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) == out[k].get("kind") \
+            if isinstance(v, dict) else False
+        out[k] = merge(out[k], v) if same_kind else v
     return out
 
 
@@ -138,7 +142,7 @@ def validate(data: dict, where: str = "preset") -> Preset:
 
 
 def _describe(err: dict, data: dict) -> str:
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("unet", "rflow", "ddpm"))]
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("unet", "dit", "rflow", "ddpm"))]
     path = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         hint = did_you_mean(loc[-1], _fields_at(loc[:-1], data))

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MODES = ("bravo", "seg")
+MODES = ("bravo", "seg", "dual", "multi", "seg_conditioned", "seg_conditioned_input")
 STAGES = ("synth", "train", "sample", "eval", "report")
 
 
@@ -22,7 +22,14 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     root: Optional[str] = None  # dataset root (BrainMetShare layout); `--data DIR` sets it
     dims: Literal[2, 3] = 2  # 2 = axial slices, 3 = volumes
-    mode: Literal["bravo", "seg"] = "bravo"  # bravo: image conditioned on its mask; seg: masks alone
+    # What is generated (SYSTEM.md §3): bravo (image | its mask), seg (masks alone), dual (t1_pre + t1_gd |
+    # mask), multi (one of 4 modalities | mask + modality id), seg_conditioned (mask | 7 size bins, FiLM),
+    # seg_conditioned_input (mask | 7 size bins as constant input maps).
+    mode: Literal["bravo", "seg", "dual", "multi", "seg_conditioned", "seg_conditioned_input"] = "bravo"
+    # 2D slice augmentation (hflip p 0.5, integer shift up to 20 % x / 10 % y): "static" draws one
+    # transform per slice when the slice list is built (what the reference ran, "aug on"); "dynamic"
+    # draws a new one per epoch and item (the intended mechanism).
+    augment: Literal["none", "static", "dynamic"] = "none"
     image_size: int = Field(128, ge=8)  # in-plane size after resize (square)
     depth: int = Field(150, ge=1)  # original slice count; outputs are trimmed back to it
     pad_depth_to: int = Field(160, ge=1)  # 3D only: depth after padding (divisible by the UNet)
@@ -63,7 +70,36 @@ class UNetConfig(Strict):
         return 2 ** (len(self.channels) - 1)
 
 
-ModelConfig = Annotated[Union[UNetConfig], Field(discriminator="kind")]
+class DiTConfig(Strict):
+    """DiT/SiT transformer on patch tokens (models/dit.py; SYSTEM.md §4). "SiT" = DiT trained with rflow."""
+
+    kind: Literal["dit"] = "dit"
+    # hidden/depth/heads: S 384/12/6, B 768/12/12, L 1024/24/16, XL 1152/28/16
+    variant: Literal["S", "B", "L", "XL"] = "S"
+    patch_size: Literal[1, 2, 4, 8, 16] = 2  # patchify conv kernel = stride
+    hidden_size: Optional[int] = Field(None, ge=8)  # overrides the variant's width (tiny test models)
+    depth: Optional[int] = Field(None, ge=1)  # overrides the variant's block count
+    num_heads: Optional[int] = Field(None, ge=1)  # overrides the variant's head count
+    mlp_ratio: float = Field(4.0, gt=0)
+    qk_norm: bool = True  # LayerNorm on queries and keys per head
+    drop_rate: float = Field(0.0, ge=0, lt=1)  # dropout in attention (weights and projection) and MLP
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)  # stochastic depth, rising linearly 0 -> this over the blocks
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        widths = {"S": (384, 6), "B": (768, 12), "L": (1024, 16), "XL": (1152, 16)}[self.variant]
+        e, h = self.hidden_size or widths[0], self.num_heads or widths[1]
+        if e % h:
+            raise ValueError(f"hidden_size {e} is not divisible by num_heads {h}")
+        return self
+
+    @property
+    def downsampling(self) -> int:
+        return self.patch_size
+
+
+ModelConfig = Annotated[Union[UNetConfig, DiTConfig], Field(discriminator="kind")]
 
 
 class RFlowConfig(Strict):
@@ -153,6 +189,9 @@ class TrainConfig(Strict):
     spike_skip: Optional[SpikeSkipConfig] = None
     feature_perturbation: float = Field(0.0, ge=0)  # std of noise added to the UNet middle block in training
     sam: Optional[SAMConfig] = None
+    # Per-sample probability of zeroing the whole condition (mask channel, size-bin / mode maps) in
+    # training, keyed by (seed, step, sample); what classifier-free guidance's unconditional branch needs.
+    cond_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class SampleConfig(Strict):
@@ -182,7 +221,8 @@ class SampleConfig(Strict):
 
 
 class EvalConfig(Strict):
-    metrics: list[Literal["psnr", "msssim", "ssim", "lpips"]] = ["psnr", "msssim"]  # one-step x0 metrics
+    # one-step x0 metrics; "perceptual-radimagenet" is the reference's "LPIPS" (SYSTEM.md §9)
+    metrics: list[Literal["psnr", "msssim", "ssim", "lpips", "perceptual-radimagenet"]] = ["psnr", "msssim"]
     split: str = "val"  # split for one-step x0 reconstruction metrics
     max_items: Optional[int] = Field(None, ge=1)
 
@@ -206,6 +246,56 @@ class CompatConfig(Strict):
 
     sampled_feret: bool = False  # size bins from a random voxel subset, as the reference computed
     min_snr_rflow_unsquared: bool = False  # rflow SNR = (1-t)/t, as the reference's code before 2026-01-18
+    # rflow resolution shift from the pixel size, as the reference computed it: r = 1/2 in s2d/wavelet
+    # spaces (SYSTEM.md §2, §12.9: unintended, skews training and sampling to low noise); multiplies diffusion.shift
+    pixel_base_shift: bool = False
+
+
+class SpaceStats(Strict):
+    """Per-channel (sub-band) statistics of the encoded training images; written at the start of training."""
+
+    mean: list[float]
+    std: list[float]
+    items: int = Field(ge=1)  # training items they were estimated from
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.mean) != len(self.std) or any(v <= 0 for v in self.std):
+            raise ValueError("stats.mean and stats.std need the same length and std > 0")
+        return self
+
+
+class SpaceConfig(Strict):
+    """What the model sees (spaces.py): pixels, lossless space-to-depth 2x per axis, or a Haar wavelet level."""
+
+    kind: Literal["pixel", "s2d", "wavelet"] = "pixel"
+    rescale: bool = False  # images [0, 1] -> [-1, 1] before the transform (conditions are not rescaled)
+    normalize: bool = False  # wavelet: standardise each sub-band with stats from <= normalize_items training items
+    normalize_items: int = Field(200, ge=1, le=200)
+    stats: Optional[SpaceStats] = None  # filled when training starts; sampling and eval reuse it
+
+    @model_validator(mode="after")
+    def _options_fit_kind(self):
+        if self.normalize and self.kind != "wavelet":
+            raise ValueError("space.normalize is defined for the wavelet space")
+        if self.stats is not None and not self.normalize:
+            raise ValueError("space.stats is only used with space.normalize = true")
+        return self
+
+    @property
+    def factor(self) -> int:
+        return 1 if self.kind == "pixel" else 2
+
+
+class ConditioningConfig(Strict):
+    """Vector conditions on the UNet time embedding (models/conditioning.py; SYSTEM.md §3)."""
+
+    # multi mode: full (additive), dropout (full + whole-batch zeroing), film, late, none
+    mode_embedding: Literal["full", "dropout", "film", "late", "none"] = "full"
+    mode_dropout: float = Field(0.2, ge=0, le=1)  # "dropout" strategy: p of zeroing a batch's mode encoding
+    late_start_level: int = Field(2, ge=0)  # "late": first UNet level that receives the mode embedding
+    size_bins: Literal["film", "film-improved"] = "film"  # seg_conditioned: 32-d/1 hidden or 64-d/512x4
+    max_count: int = Field(10, ge=1)  # tumour count per bin is clamped to this
 
 
 class Preset(Strict):
@@ -220,17 +310,19 @@ class Preset(Strict):
     eval: EvalConfig = EvalConfig()
     chain: ChainConfig = ChainConfig()
     compat: CompatConfig = CompatConfig()
+    space: SpaceConfig = SpaceConfig()
+    conditioning: ConditioningConfig = ConditioningConfig()
 
     @model_validator(mode="after")
     def _sizes_fit_model(self):
-        f = self.model.downsampling
+        f = self.model.downsampling * self.space.factor  # the space halves each axis before the model
+        what = "the model's down-sampling factor" if self.space.factor == 1 else \
+            f"the {self.space.kind} space's 2 x the model's down-sampling factor"
         if self.data.image_size % f:
-            raise ValueError(f"data.image_size={self.data.image_size} is not divisible by the model's "
-                             f"down-sampling factor {f}")
+            raise ValueError(f"data.image_size={self.data.image_size} is not divisible by {what} {f}")
         if self.data.dims == 3:
             if self.data.pad_depth_to % f:
-                raise ValueError(f"data.pad_depth_to={self.data.pad_depth_to} is not divisible by the "
-                                 f"model's down-sampling factor {f}")
+                raise ValueError(f"data.pad_depth_to={self.data.pad_depth_to} is not divisible by {what} {f}")
             if self.data.pad_depth_to < self.data.depth:
                 raise ValueError("data.pad_depth_to is smaller than data.depth")
         return self
@@ -244,6 +336,46 @@ class Preset(Strict):
             raise ValueError("train.feature_perturbation needs a UNet (it perturbs the middle block)")
         return self
 
-    # Channel layout of each mode: (image channels, condition channels).
+    @model_validator(mode="after")
+    def _space_fits(self):
+        sp = self.space
+        if sp.kind != "pixel" and self.vector_channels():
+            raise ValueError(f"space.kind={sp.kind!r} transforms condition maps; data.mode={self.data.mode!r} "
+                             "carries vector conditions (use the pixel space)")
+        if sp.stats is not None:
+            want = self.channels()[0] * sp.factor ** self.data.dims
+            if len(sp.stats.mean) != want:
+                raise ValueError(f"space.stats has {len(sp.stats.mean)} channels, the {sp.kind} space of this "
+                                 f"mode has {want}")
+        if self.compat.pixel_base_shift and self.diffusion.kind != "rflow":
+            raise ValueError("compat.pixel_base_shift is an rflow timestep transform")
+        return self
+
+    @model_validator(mode="after")
+    def _modes_fit(self):
+        d, c = self.data, self.conditioning
+        if d.augment != "none" and d.dims != 2:
+            raise ValueError("data.augment applies to 2D slices (dims = 2)")
+        if self.vector_channels() and self.model.kind != "unet":
+            raise ValueError(f"data.mode={d.mode!r} conditions the UNet time embedding; model.kind must be 'unet'")
+        if self.vector_channels() and getattr(getattr(self, "space", None), "kind", "pixel") != "pixel":
+            raise ValueError(f"data.mode={d.mode!r} passes its vector condition as constant maps; use space.kind='pixel'")
+        if d.mode == "multi" and c.mode_embedding == "late" and c.late_start_level >= len(self.model.channels):
+            raise ValueError(f"conditioning.late_start_level={c.late_start_level} but the UNet has "
+                             f"{len(self.model.channels)} levels")
+        return self
+
+    # Channel layout of each mode: (image channels, condition channels). Vector conditions (size bins,
+    # modality one-hot) travel as constant condition maps after the mask channel; see vector_channels.
     def channels(self) -> tuple[int, int]:
-        return {"bravo": (1, 1), "seg": (1, 0)}[self.data.mode]
+        return {"bravo": (1, 1), "seg": (1, 0), "dual": (2, 1), "multi": (1, 5), "seg_conditioned": (1, 7),
+                "seg_conditioned_input": (1, 7)}[self.data.mode]
+
+    def vector_channels(self) -> int:
+        """Trailing condition channels the network reads as a vector (not as input maps)."""
+        return {"multi": 4, "seg_conditioned": 7}.get(self.data.mode, 0)
+
+    def modalities(self) -> tuple[str, ...]:
+        """Files a patient needs for this mode."""
+        return {"bravo": ("bravo", "seg"), "dual": ("t1_pre", "t1_gd", "seg"),
+                "multi": ("bravo", "flair", "t1_pre", "t1_gd", "seg")}.get(self.data.mode, ("seg",))

@@ -159,12 +159,14 @@ def _integrate(strategy, net, x, plan: Plan, keys):
 @torch.no_grad()
 def sample_batch(net: nn.Module, strategy, noise: torch.Tensor, cond: torch.Tensor, plan: Plan,
                  keys: list[tuple[int, int]] | None = None, autocast=None,
-                 state_dtype: torch.dtype | None = None) -> Batch:
+                 state_dtype: torch.dtype | None = None, space=None) -> Batch:
     """Integrate ``noise`` (t = 1) to data (t = 0) under ``plan``; ``keys`` (seed, index) per sample key
     Restart's draws. ``state_dtype`` (e.g. bf16) sets the solver state; times stay float64."""
     from ..solvers import ADAPTIVE
 
     keys = keys or [(0, i) for i in range(noise.shape[0])]
+    if space is not None:  # spaces.py: the condition goes into the model's space (noise already is)
+        cond = space.encode_cond(cond)
     x0 = noise.to(state_dtype) if state_dtype is not None else noise
     groups = [[i] for i in range(len(keys))] if plan.solver in ADAPTIVE else [list(range(len(keys)))]
     g = plan.guidance if plan.guidance is not None and plan.guidance.active else None
@@ -175,14 +177,15 @@ def sample_batch(net: nn.Module, strategy, noise: torch.Tensor, cond: torch.Tens
             net_fn = counted if g is None else GuidedNet(counted, g, torch.zeros_like(cond[idx]), strategy.T)
             outs.append(_integrate(strategy, net_fn, x0[idx], plan, [keys[i] for i in idx]))
             nfes += [counted.nfe] * len(idx)
-    return Batch(torch.cat(outs).float(), nfes, g is not None)
+    x = torch.cat(outs).float()
+    return Batch(x if space is None else space.decode(x), nfes, g is not None)  # decoded to pixels
 
 
 @torch.no_grad()
 def generate(net: nn.Module, strategy, noise: torch.Tensor, cond: torch.Tensor, solver: str = "euler",
-             steps: int = 25, autocast=None) -> tuple[torch.Tensor, int]:
+             steps: int = 25, autocast=None, space=None) -> tuple[torch.Tensor, int]:
     """Integrate from pure noise (t=1) to data (t=0); returns (x0 estimate, NFE of the batch)."""
     if getattr(strategy, "kind", "") == "ddpm":
         solver = "ddim"
-    out = sample_batch(net, strategy, noise, cond, Plan(solver=solver, steps=steps), autocast=autocast)
+    out = sample_batch(net, strategy, noise, cond, Plan(solver=solver, steps=steps), autocast=autocast, space=space)
     return out.x, max(out.nfe)

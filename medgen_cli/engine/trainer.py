@@ -32,6 +32,9 @@ log = logging.getLogger("medgen")
 # Stream ids keep the keyed random draws of different purposes apart.
 (STREAM_SHUFFLE, STREAM_T, STREAM_NOISE, STREAM_VAL_T, STREAM_VAL_NOISE, STREAM_PREVIEW, STREAM_NOISE_AUG,
  STREAM_JITTER, STREAM_GRAD_NOISE, STREAM_FEATURES) = range(1, 11)
+# --- modes & conditioning (issue 5): condition dropout, whole-batch vector dropout, grouped batches ---
+STREAM_COND_DROP, STREAM_VECTOR_DROP, STREAM_GROUPS = 11, 12, 13
+# --- end modes & conditioning ---
 
 
 @dataclass
@@ -68,7 +71,8 @@ def diffusion_loss(model, strategy, image, cond, u, noise):
 class Trainer:
     def __init__(self, model: nn.Module, strategy, train_ds, val_ds, cfg, run_dir: Path,
                  config_json: str, device: torch.device, num_workers: int = 0, world: World = World(),
-                 min_snr_unsquared: bool = False):
+                 min_snr_unsquared: bool = False, space=None):
+        self.space = space  # spaces.Space or None (pixels): batches are encoded before the loss
         self.model, self.strategy, self.cfg, self.world = model.to(device), strategy, cfg, world
         if cfg.batch_size % world.size:
             raise ConfigError(f"train.batch_size={cfg.batch_size} does not split over {world.size} processes",
@@ -91,6 +95,11 @@ class Trainer:
         # global batch and data-parallel ranks always hold equal shares.
         n = len(train_ds)
         self.steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
+        # --- modes & conditioning (issue 5): multi mode batches hold one modality id each ---
+        self._groups = train_ds.groups() if hasattr(train_ds, "groups") else [list(range(n))]
+        if len(self._groups) > 1:
+            self.steps_per_epoch = sum(self._group_batches(len(g)) for g in self._groups)
+        # --- end modes & conditioning ---
         self.book = Logbook(self.run_dir, enabled=world.main)  # rank 0 writes logs and checkpoints
         self.spike = tricks.SpikeGuard(**cfg.spike_skip.model_dump()) if cfg.spike_skip else None
         self.plateau = tricks.Plateau(cfg.plateau_factor, cfg.plateau_patience) \
@@ -109,13 +118,50 @@ class Trainer:
         g = keyed_generator(self.cfg.seed, STREAM_SHUFFLE, epoch)
         return torch.randperm(len(self.train_ds), generator=g).tolist()
 
+    # --- modes & conditioning (issue 5) ------------------------------------------------------
+    def _group_batches(self, n: int) -> int:
+        bs = self.cfg.batch_size
+        return n // bs if n >= bs else 1
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This epoch's global batches (item indices), a keyed function of (seed, epoch). One group:
+        chunks of a permutation. Several (multi mode): each group permuted and chunked, incomplete
+        batches dropped, then the batches shuffled, so every batch holds one modality id."""
+        bs = self.cfg.batch_size
+        if len(self._groups) == 1:
+            perm = self._permutation(epoch)
+            return [perm[p * bs:(p + 1) * bs] for p in range(self.steps_per_epoch)]
+        batches = []
+        for k, grp in enumerate(self._groups):
+            order = torch.randperm(len(grp), generator=keyed_generator(self.cfg.seed, STREAM_SHUFFLE, epoch, k))
+            batches += [[grp[j] for j in order[p * bs:(p + 1) * bs].tolist()]
+                        for p in range(self._group_batches(len(grp)))]
+        order = torch.randperm(len(batches), generator=keyed_generator(self.cfg.seed, STREAM_GROUPS, epoch))
+        return [batches[i] for i in order.tolist()]
+
+    def _condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """Training-time condition dropout: each sample's whole condition zeroed with p =
+        ``train.cond_dropout`` (keyed by seed, step, global sample index), which is the zero
+        condition CFG's unconditional branch uses; then the model's ``vector_dropout`` (mode strategy
+        "dropout") zeroes the whole batch's vector channels with one draw keyed by (seed, step)."""
+        cfg, s, b = self.cfg, self.state.step, cond.shape[0]
+        if cfg.cond_dropout and cond.shape[1]:
+            u = rand_keyed(self._keys(STREAM_COND_DROP, s, b), self.device)  # (B,)
+            keep = (u >= cfg.cond_dropout).to(cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
+            cond = cond * keep
+        p, n_vec = getattr(self.model, "vector_dropout", 0.0), getattr(self.model, "n_vector", 0)
+        if p and n_vec and float(rand_keyed([(cfg.seed, STREAM_VECTOR_DROP, s)])[0]) < p:
+            cond = torch.cat([cond[:, :-n_vec], torch.zeros_like(cond[:, -n_vec:])], dim=1)
+        return cond
+    # --- end modes & conditioning --------------------------------------------------------------
+
     # ---- data -------------------------------------------------------------------------------
     def _batches(self, epoch: int):
         """The rest of this epoch's batches, from the saved position on, as (image, cond) on device."""
-        bs, perm = self.cfg.batch_size, self._permutation(epoch)
         lo = self.world.rank * self.local_batch  # this rank's share of each global batch
-        chunks = [perm[p * bs:(p + 1) * bs][lo:lo + self.local_batch]
-                  for p in range(self.state.pos, self.steps_per_epoch)]
+        chunks = [batch[lo:lo + self.local_batch] for batch in self._epoch_batches(epoch)[self.state.pos:]]
+        if hasattr(self.train_ds, "set_epoch"):  # dynamic augmentation draws from (seed, epoch, index)
+            self.train_ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=chunks, collate_fn=collate,
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
@@ -161,10 +207,12 @@ class Trainer:
 
     def _step(self, image, cond) -> dict:
         cfg, s = self.cfg, self.state.step
+        image, cond = self._encode(image, cond)  # space (s2d/wavelet) before noise, times and loss
         lr = self._lr(s)
         for group in self.opt.param_groups:
             group["lr"] = lr
         t, noise = self._draws(image)
+        cond = self._condition(cond)  # modes & conditioning (issue 5)
         self.model.train()
         loss = self._loss(image, cond, t, noise)
         loss.backward()
@@ -184,6 +232,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model, self.state.step)
         return {"loss": loss.detach(), "lr": lr, "grad_norm": norm.detach()}  # tensors: no host sync
+
+    # ---- space (spaces.py) ------------------------------------------------------------------
+    def _encode(self, image, cond):
+        return (image, cond) if self.space is None else self.space.encode_pair(image, cond)
+
+    def _decode(self, x):
+        return x if self.space is None else self.space.decode(x)
 
     # ---- validation -------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
@@ -210,15 +265,17 @@ class Trainer:
             items = [self.val_ds[i] for i in idx]
             image = torch.stack([it["image"] for it in items]).to(self.device)
             cond = torch.stack([it["cond"] for it in items]).to(self.device)
+            pixels = image
+            image, cond = self._encode(image, cond)
             keys_t = [(self.cfg.seed, STREAM_VAL_T, i) for i in idx]
             keys_n = [(self.cfg.seed, STREAM_VAL_NOISE, i) for i in idx]
             u = rand_keyed(keys_t, self.device)
             noise = randn_keyed(tuple(image.shape[1:]), keys_n, self.device)
             with autocast(self.device, self.cfg.precision):
                 loss, pred, x_t, t = diffusion_loss(model, self.strategy, image, cond, u, noise)
-            x0 = self.strategy.x0_from(x_t.float(), pred.float(), t).clamp(0, 1)
+            x0 = self._decode(self.strategy.x0_from(x_t.float(), pred.float(), t)).clamp(0, 1)
             losses.append(float(loss) * len(idx))
-            psnrs.append(psnr(x0, image).sum().item())
+            psnrs.append(psnr(x0, pixels).sum().item())
         return {"val_loss": sum(losses) / n, "val_psnr": sum(psnrs) / n}
 
     # ---- checkpoints ------------------------------------------------------------------------

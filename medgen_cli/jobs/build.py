@@ -12,6 +12,10 @@ from ..errors import ConfigError, InputError
 def model_args(preset: Preset) -> tuple[str, dict]:
     m = preset.model
     img, cond = preset.channels()
+    cond -= preset.vector_channels()  # vector conditions do not enter conv_in (models/conditioning.py)
+    img, cond = (c * preset.space.factor ** preset.data.dims for c in (img, cond))  # s2d/wavelet: 2^dims x
+    if m.kind == "dit":
+        return m.kind, dit_args(preset, img, cond)
     kwargs = dict(spatial_dims=preset.data.dims, in_channels=img + cond, out_channels=img,
                   channels=list(m.channels), attention_levels=list(m.attention_levels),
                   num_res_blocks=m.num_res_blocks, num_head_channels=m.num_head_channels,
@@ -26,20 +30,38 @@ def build_model(preset: Preset):
 
     kind, kwargs = model_args(preset)
     with seeded(preset.train.seed, 0):
-        return build(kind, **kwargs)
+        return wrap_for_mode(preset, build(kind, **kwargs))
+
+
+def wrap_for_mode(preset: Preset, model):
+    """The mode's conditioning around the network (multi: mode embedding; seg_conditioned: size-bin FiLM)."""
+    if preset.data.mode not in ("multi", "seg_conditioned"):
+        return model
+    from ..models.conditioning import wrap
+
+    c = preset.conditioning
+    return wrap(model, preset.data.mode, list(preset.model.channels), c.mode_embedding, c.mode_dropout,
+                c.late_start_level, c.size_bins, c.max_count)
 
 
 def count_parameters(preset: Preset) -> int:
-    from ..models.registry import count_parameters as count
+    """Parameters of ``build_model(preset)``, built on the meta device (no memory)."""
+    import torch
+
+    from ..models.registry import build_model as build
 
     kind, kwargs = model_args(preset)
-    return count(kind, **kwargs)
+    with torch.device("meta"):
+        model = wrap_for_mode(preset, build(kind, **kwargs))
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_strategy(preset: Preset):
     from ..diffusion import build_strategy as build
 
     args = preset.diffusion.model_dump()
+    if preset.compat.pixel_base_shift and args["kind"] == "rflow":  # the reference's r = 1/2 (spaces.py)
+        args["shift"] *= 1.0 / preset.space.factor
     return build(args.pop("kind"), **args)
 
 
@@ -54,15 +76,17 @@ def data_root(preset: Preset) -> Path:
     return root
 
 
-def build_dataset(preset: Preset, split: str, root: Path | None = None):
+def build_dataset(preset: Preset, split: str, root: Path | None = None, train: bool = False):
+    """The split's dataset; ``train`` turns on the preset's 2D augmentation (keyed by train.seed)."""
     from ..data.datasets import SliceDataset, VolumeDataset
 
     d = preset.data
     root = root or data_root(preset)
     common = dict(root=root, split=split, mode=d.mode, image_size=d.image_size,
-                  normalization=d.normalization, cache_dir=d.cache_dir)
+                  normalization=d.normalization, cache_dir=d.cache_dir, spacing=d.spacing,
+                  max_count=preset.conditioning.max_count, sampled_feret=preset.compat.sampled_feret)
     if d.dims == 2:
-        return SliceDataset(**common)
+        return SliceDataset(**common, augment=d.augment if train else "none", seed=preset.train.seed)
     return VolumeDataset(**common, pad_depth_to=d.pad_depth_to, pad_mode=d.pad_mode)
 
 
@@ -70,3 +94,42 @@ def config_json(preset: Preset) -> str:
     from ..config import dump
 
     return json.dumps(dump(preset), sort_keys=True)
+
+
+# ---- DiT and spaces (models/dit.py, spaces.py) ---------------------------------------------------
+def space_shape(preset: Preset, channels: int | None = None) -> tuple[int, ...]:
+    """(C, *spatial) of the model's image tensor: the pixel shape of ``channels`` (default the mode's
+    image channels) after the space's transform."""
+    d = preset.data
+    c = preset.channels()[0] if channels is None else channels
+    spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
+    f = preset.space.factor
+    return (c * f**d.dims, *(s // f for s in spatial))
+
+
+def dit_args(preset: Preset, img: int, cond: int) -> dict:
+    """DiT knobs: channels in the space, input size = the space's spatial shape (fixes the token grid)."""
+    m = preset.model
+    return dict(spatial_dims=preset.data.dims, input_size=space_shape(preset)[1:], in_channels=img + cond,
+                out_channels=img, variant=m.variant, patch_size=m.patch_size, hidden_size=m.hidden_size,
+                depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
+                drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
+                gradient_checkpointing=m.gradient_checkpointing)
+
+
+def build_space(preset: Preset, train_ds=None):
+    """The preset's space. With ``space.normalize`` and no stored statistics, estimates them from
+    ``train_ds`` (at most ``space.normalize_items`` items) and writes them into ``preset.space.stats``,
+    so config.json and every checkpoint carry them."""
+    from ..spaces import Space, estimate_stats
+
+    sp, dims = preset.space, preset.data.dims
+    if sp.normalize and sp.stats is None:
+        if train_ds is None:
+            raise ConfigError("the wavelet normalisation statistics are missing", "space.stats",
+                              "they are written when training starts; use a run trained with space.normalize")
+        plain = Space(sp.kind, dims, sp.rescale)
+        mean, std, n = estimate_stats(plain, train_ds, sp.normalize_items)
+        sp.stats = {"mean": mean, "std": std, "items": n}
+    stats = sp.stats if sp.normalize else None
+    return Space(sp.kind, dims, sp.rescale, stats.mean if stats else None, stats.std if stats else None)

@@ -27,7 +27,7 @@ def metric_record(name, values, n_ref, ref, protocol, seed=None) -> dict:
                         preprocessing=PREPROCESSING, seed=seed)
 
 
-def scores(name: str, gen, ref) -> dict[str, list[float]]:
+def scores(name: str, gen, ref, weights=None) -> dict[str, list[float]]:
     """Per-sample metric values for a batch (B, C, ...) on [0, 1]; 3D gives slice-wise and volumetric."""
     from ..metrics import image
 
@@ -43,10 +43,38 @@ def scores(name: str, gen, ref) -> dict[str, list[float]]:
     if name == "lpips":
         from ..metrics import perceptual
 
-        return {"lpips": perceptual.lpips_alex(gen, ref).tolist()}
+        return {"lpips": perceptual.lpips_alex(gen, ref, weights).tolist()}
+    if name == "perceptual-radimagenet":
+        from ..metrics import perceptual
+
+        return {name: perceptual.perceptual_radimagenet(gen, ref, weights).tolist()}
     if gen.ndim == 4:
         return {"msssim": image.msssim(gen, ref, 2).tolist()}
     return {"msssim": image.msssim_slices(gen, ref).tolist(), "msssim-3d": image.msssim_3d(gen, ref).tolist()}
+
+
+PERCEPTUAL = ("lpips", "perceptual-radimagenet")
+
+
+def _eval_device(device):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _perceptual_fields(rec: dict, k: str, weights=None) -> None:
+    """Network, weights fingerprint and preprocessing of the perceptual metrics, into a record."""
+    from ..metrics import perceptual
+
+    if k == "lpips":
+        rec.update(extractor="lpips-alexnet-v0.1", weights_sha256=perceptual.lpips_sha256(weights),
+                   preprocessing=perceptual.LPIPS_PREPROCESSING)
+    elif k == "perceptual-radimagenet":
+        rec.update(extractor="radimagenet-resnet50", weights_sha256=perceptual.radimagenet_sha256(weights),
+                   preprocessing=perceptual.RADIMAGENET_PREPROCESSING,
+                   protocol=rec["protocol"] + "; MONAI PerceptualLoss semantics (the reference's 'LPIPS')")
 
 
 # ---- paired folders ------------------------------------------------------------------------------
@@ -67,7 +95,7 @@ def _files(gen: str) -> tuple[list[Path], Path]:
     return sorted(root.rglob("*.nii*")), root
 
 
-def paired(name: str, gen: str, ref: Path, max_items):
+def paired(name: str, gen: str, ref: Path, max_items, weights=None, device=None):
     import torch
 
     from ..data.nifti import read_image
@@ -88,22 +116,20 @@ def paired(name: str, gen: str, ref: Path, max_items):
         t = [torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None] for x in (a, b)]
         if a.ndim == 3:  # (H, W, D) -> (1, 1, D, H, W)
             t = [x.permute(0, 1, 4, 2, 3) for x in t]
-        for k, v in scores(name, *t).items():
+        if name in PERCEPTUAL:
+            t = [x.to(_eval_device(device)) for x in t]
+        for k, v in scores(name, *t, weights=weights).items():
             out.setdefault(k, []).extend(v)
     recs = []
     for k, v in out.items():
         rec = metric_record(k, v, len(pairs), str(ref), "paired")
-        if k == "lpips":
-            from ..metrics import perceptual
-
-            rec.update(extractor="lpips-alexnet-v0.1", weights_sha256=perceptual.lpips_sha256(),
-                       preprocessing=perceptual.LPIPS_PREPROCESSING)
+        _perceptual_fields(rec, k, weights)
         recs.append((rec, f"{k}\t{np.mean(v):.4f}"))
     return recs
 
 
 # ---- one-step reconstructions of a run -----------------------------------------------------------
-def one_step_scores(name: str, model, preset, ds, dev, n: int) -> dict[str, list[float]]:
+def one_step_scores(name: str, model, preset, ds, dev, n: int, weights=None) -> dict[str, list[float]]:
     """Per-item scores of x0 = x_t + t*v from one network call at the validation draws."""
     import torch
 
@@ -112,26 +138,29 @@ def one_step_scores(name: str, model, preset, ds, dev, n: int) -> dict[str, list
     from . import build
 
     strategy, seed = build.build_strategy(preset), preset.train.seed
+    space = build.build_space(preset)  # spaces.py: the model works on encoded items; x0 is decoded
     model.to(dev).eval()
     out: dict[str, list[float]] = {}
     with torch.no_grad():
         for i in range(n):
             it = ds[i]
             image, cond = it["image"][None].to(dev), it["cond"][None].to(dev)
+            z, zc = space.encode_pair(image, cond)
             u = rand_keyed([(seed, STREAM_VAL_T, i)], dev)
-            noise = randn_keyed(tuple(image.shape[1:]), [(seed, STREAM_VAL_NOISE, i)], dev)
+            noise = randn_keyed(tuple(z.shape[1:]), [(seed, STREAM_VAL_NOISE, i)], dev)
             with autocast(dev, preset.train.precision):
-                _, pred, x_t, t = diffusion_loss(model, strategy, image, cond, u, noise)
-            x0 = strategy.x0_from(x_t.float(), pred.float(), t)
+                _, pred, x_t, t = diffusion_loss(model, strategy, z, zc, u, noise)
+            x0 = space.decode(strategy.x0_from(x_t.float(), pred.float(), t))
             if image.ndim == 5:
                 depth = ds.depth_of(i)
                 x0, image = x0[:, :, :depth], image[:, :, :depth]
-            for k, v in scores(name, x0.cpu(), image.cpu()).items():
+            on = dev if name in PERCEPTUAL else "cpu"
+            for k, v in scores(name, x0.to(on), image.to(on), weights=weights).items():
                 out.setdefault(k, []).extend(v)
     return out
 
 
-def one_step(name: str, run: Path, split: str | None, data, max_items, device):
+def one_step(name: str, run: Path, split: str | None, data, max_items, device, weights=None):
     from .. import checkpoint as ckpt
     from ..config import validate
     from ..runtime import pick_device
@@ -145,10 +174,14 @@ def one_step(name: str, run: Path, split: str | None, data, max_items, device):
     model = build.build_model(preset)
     model.load_state_dict(ck.model_state)
     n = len(ds) if max_items is None else min(max_items, len(ds))
-    out = one_step_scores(name, model, preset, ds, pick_device(device or preset.train.device), n)
+    out = one_step_scores(name, model, preset, ds, pick_device(device or preset.train.device), n, weights)
     ref = f"{root}/{split} (one-step x0)"
     seed = preset.train.seed
-    recs = [(metric_record(k, v, n, ref, "one-step-x0", seed), f"{k}\t{np.mean(v):.4f}") for k, v in out.items()]
+    recs = []
+    for k, v in out.items():
+        rec = metric_record(k, v, n, ref, "one-step-x0", seed)
+        _perceptual_fields(rec, k, weights)
+        recs.append((rec, f"{k}\t{np.mean(v):.4f}"))
     run_dir = Path(ck.step_dir).parent.parent
     with open(run_dir / "eval.jsonl", "a", encoding="utf-8") as fh:
         for rec, _ in recs:
@@ -156,13 +189,13 @@ def one_step(name: str, run: Path, split: str | None, data, max_items, device):
     return recs
 
 
-def run(name: str, gen=None, ref=None, run=None, split=None, data=None, max_items=None, device=None):
+def run(name: str, gen=None, ref=None, run=None, split=None, data=None, max_items=None, device=None, weights=None):
     if (gen is None) == (run is None):
         raise UsageError("give either --gen (with --ref) or --run", "medgen eval " + name,
                          "paired: --gen SAMPLES --ref REAL; reconstructions: --run RUN --split val")
     if run is not None:
-        return one_step(name, Path(run), split, data, max_items, device)
-    return paired(name, gen, ref, max_items)
+        return one_step(name, Path(run), split, data, max_items, device, weights)
+    return paired(name, gen, ref, max_items, weights, device)
 
 
 def check_thresholds(recs: list[dict], max_: list[str], min_: list[str]) -> None:
@@ -192,7 +225,8 @@ def check_thresholds(recs: list[dict], max_: list[str], min_: list[str]) -> None
 # 160-slice outputs to 150; padding slices are never fed). Generated images are clamped to [0, 1]
 # (seg samples: thresholded at 0.5); reference volumes are min-max normalised per volume, as the
 # reference did. Reference features are cached under <medgen cache>/features/<key>.npz, the key
-# being the sha256 of (files with size and mtime, extractor, weights sha256, preprocessing, planes).
+# being the sha256 of (each file's content sha256 — memoised by path, size and mtime —, extractor,
+# weights sha256, preprocessing, planes, depth): renamed or copied references still hit the cache.
 
 DEPTH = 150
 FEATURE_FORMAT = 1
@@ -229,73 +263,220 @@ def load_slices(path: str, role: str, planes: str = "axial", depth: int | None =
     return volume_planes(arr, planes)
 
 
-class _Files:  # a tiny map-style dataset for a torch DataLoader (worker processes read and decompress)
-    def __init__(self, paths, role, planes, depth, binary):
-        self.paths, self.args = list(paths), (role, planes, depth, binary)
+# ---- the fast path: threads read and inflate, the device normalises and slices --------------------
+# A reader thread reads a file's bytes, inflates them (python-isal's igzip when installed, else zlib;
+# both release the GIL), parses the NIfTI-1 header with nibabel and copies the voxels, in their
+# stored type, into (pinned) host memory as (D, W, H) — the file's Fortran order read backwards, so
+# no transpose on the CPU. The main thread copies each volume to the device on a side stream and
+# does there what load_slices does on the CPU: scaling, min-max / clamp / threshold, the planes, and
+# a NaN/Inf count that is checked once at the end. Files that are not plain single-file NIfTI-1 go
+# through nibabel (read_image) instead.
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        import torch
-
-        return i, [torch.from_numpy(s) for s in load_slices(str(self.paths[i]), *self.args)]
+_TORCH_DTYPES = {"uint8": "uint8", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
+                 "float16": "float16", "float32": "float32", "float64": "float64"}
 
 
-def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DEPTH, binary: bool = False,
-            workers: int | None = None, batch: int = SLICE_BATCH):
-    """Features of every slice of every file → (features (N, dim) float32, groups (N,) int32 volume index)."""
-    import os
+def _inflate(raw: bytes) -> bytes:
+    try:
+        from isal import igzip
+
+        return igzip.decompress(raw)
+    except ImportError:
+        import gzip
+
+        return gzip.decompress(raw)
+
+
+def inflater() -> str:
+    try:
+        import isal  # noqa: F401
+
+        return "isal"
+    except ImportError:
+        return "zlib"
+
+
+def _read_fast(path: Path, depth: int | None, pin: bool):
+    """(tensor (S, W, H) in the stored type, slope, inter) of a plain NIfTI-1 file, or None."""
+    import io
 
     import torch
+    from nibabel.nifti1 import Nifti1Header
 
-    paths = list(paths)
-    workers = min(len(paths), os.cpu_count() or 1, 16) if workers is None else workers
-    ds = _Files(paths, role, planes, depth, binary)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
-                                         pin_memory=ext.device.type == "cuda",
-                                         prefetch_factor=4 if workers else None,
-                                         persistent_workers=False)
-    feats, groups = [], []
-    for i, stacks in loader:
-        for s in stacks:
-            for j in range(0, s.shape[0], batch):
-                f = ext(s[j:j + batch, None])
-                feats.append(f)
-                groups.append(torch.full((f.shape[0],), int(i), dtype=torch.int32))
-    if not feats:
-        raise InputError("no slices to evaluate", str(paths[:1]), "check the inputs")
-    return torch.cat(feats).cpu().numpy().astype(np.float32), torch.cat(groups).numpy()
+    raw = path.read_bytes()
+    buf = _inflate(raw) if raw[:2] == b"\x1f\x8b" else raw
+    hdr = Nifti1Header.from_fileobj(io.BytesIO(buf[:348]))
+    if hdr["magic"].item() != b"n+1":  # single-file NIfTI-1 only
+        return None
+    shape = list(hdr.get_data_shape())
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    dt = hdr.get_data_dtype()
+    if len(shape) not in (2, 3) or dt.kind not in "iuf":
+        return None
+    native = dt.newbyteorder("=")
+    name = {"uint16": "int32", "uint32": "int64"}.get(native.name, native.name)
+    if name not in _TORCH_DTYPES:
+        return None
+    count = int(np.prod(shape))
+    offset = int(hdr.get_data_offset())
+    if offset + count * dt.itemsize > len(buf):
+        return None  # truncated: let nibabel name the problem
+    arr = np.frombuffer(buf, dtype=dt, count=count, offset=offset).reshape(shape, order="F").T  # (D, W, H)
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif depth:
+        arr = arr[:depth]
+    host = torch.empty(arr.shape, dtype=getattr(torch, name), pin_memory=pin)
+    host.numpy()[...] = arr
+    slope, inter = hdr.get_slope_inter()
+    return host, slope, inter
 
 
-def _file_identity(paths) -> list:
-    out = []
-    for p in paths:
-        st = Path(p).stat()
-        out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+def _read_volume(path, depth: int | None, pin: bool):
+    """(tensor (S, W, H), slope, inter) of one file: the fast path, else nibabel."""
+    import torch
+
+    from ..data.nifti import read_image
+
+    path = Path(path)
+    try:
+        got = _read_fast(path, depth, pin)
+    except Exception:  # anything unusual: nibabel reads it or reports it properly
+        got = None
+    if got is not None:
+        return got
+    arr = read_image(path)[0]
+    arr = np.ascontiguousarray(_trim(arr, depth).T)
+    return torch.from_numpy(arr if arr.ndim == 3 else arr[None]), None, None
+
+
+def _prefetch(fn, items, workers: int):
+    """``map(fn, items)`` in order, ``workers`` threads ahead (at most 2 × workers results pending)."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(items)
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="medgen-read")
+    try:
+        pending = deque(ex.submit(fn, x) for x, _ in zip(it, range(2 * workers)))
+        while pending:
+            fut = pending.popleft()
+            for x in it:
+                pending.append(ex.submit(fn, x))
+                break
+            yield fut.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare(vol, slope, inter, role: str, binary: bool):
+    """Device volume (S, W, H), stored type → float32 in [0, 1] as load_slices does; and its NaN/Inf count."""
+    import torch
+
+    x = vol.float()
+    if slope is not None and (slope != 1 or (inter or 0) != 0):
+        x = x * float(slope) + float(inter or 0)
+    bad = (~torch.isfinite(x)).sum()
+    if binary:
+        x = (x > 0.5).float()
+    elif role == "ref":
+        lo, hi = x.amin(), x.amax()
+        x = (x - lo) / torch.where(hi > lo, hi - lo, torch.full_like(hi, float("inf")))  # constant → zeros
+    else:
+        x = x.clamp(0.0, 1.0)
+    return x, bad
+
+
+def _planes_of(x, planes: str):
+    """(S, W, H) device volume → slice stacks, as volume_planes orders them."""
+    out = [x.transpose(1, 2).contiguous()]  # axial (D, H, W)
+    if planes == "tri" and x.shape[0] > 1:
+        out.append(x.permute(2, 1, 0).contiguous())  # along H: (H, W, D)
+        out.append(x.permute(1, 2, 0).contiguous())  # along W: (W, H, D)
     return out
 
 
-def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None):
-    """Cached reference features (features, groups, hit: bool)."""
+def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DEPTH, binary: bool = False,
+            workers: int | None = None, batch: int = SLICE_BATCH, timings: dict | None = None):
+    """Features of every slice of every file → (features (N, dim) float32, groups (N,) int32 volume index)."""
+    import os
+    import time
+
+    import torch
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no files to evaluate", "--gen/--ref", "check the inputs")
+    workers = min(len(paths), os.cpu_count() or 1, 16) if workers is None else workers
+    dev = ext.device
+    cuda = dev.type == "cuda"
+    copy_stream = torch.cuda.Stream(dev) if cuda else None
+    t0 = time.perf_counter()
+    feats, groups, bads = [], [], []
+    for i, (vol, slope, inter) in enumerate(_prefetch(lambda p: _read_volume(p, depth, cuda), paths, workers)):
+        if cuda:
+            with torch.cuda.stream(copy_stream):
+                g = vol.to(dev, non_blocking=True)
+            torch.cuda.current_stream(dev).wait_stream(copy_stream)
+            g.record_stream(torch.cuda.current_stream(dev))
+        else:
+            g = vol
+        x, bad = _prepare(g, slope, inter, role, binary)
+        bads.append(bad)
+        for s in _planes_of(x, planes):
+            for j in range(0, s.shape[0], batch):
+                f = ext(s[j:j + batch, None])
+                feats.append(f)
+                groups.append(torch.full((f.shape[0],), i, dtype=torch.int32))
+    bad = torch.stack(bads).cpu()
+    if bad.any():
+        k = int(bad.nonzero()[0, 0])
+        raise InputError(f"volume has {int(bad[k])} NaN/Inf voxels", paths[k],
+                         "fix or re-export the file; medgen does not guess missing values")
+    out = torch.cat(feats).cpu().numpy().astype(np.float32), torch.cat(groups).numpy()
+    if timings is not None:
+        timings.update(seconds=time.perf_counter() - t0, files=len(paths), slices=len(out[0]), workers=workers,
+                       inflate=inflater())
+    return out
+
+
+def _file_identity(paths, workers: int = 16) -> list:
+    """sha256 of each file's bytes (memoised by path, size and mtime), hashed in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..metrics.weights import sha256_file
+
+    paths = list(paths)
+    with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as ex:
+        return list(ex.map(sha256_file, paths))
+
+
+def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None, timings=None):
+    """Cached reference features (features, groups, hit: bool); the key is the files' content."""
     import hashlib
     import os
 
     from ..data.cache import resolve_cache_dir
 
     folder = resolve_cache_dir(None if cache else False)
-    key = hashlib.sha256(json.dumps({"files": _file_identity(paths), "extractor": ext.name,
-                                     "weights_sha256": ext.sha256, "preprocessing": ext.preprocessing,
-                                     "planes": planes, "depth": depth, "ref_norm": "minmax per volume",
-                                     "format": FEATURE_FORMAT}, sort_keys=True).encode()).hexdigest()
-    entry = folder / "features" / f"{key}.npz" if folder else None
+    entry = None
+    if folder:
+        key = hashlib.sha256(json.dumps({"files_sha256": _file_identity(paths), "extractor": ext.name,
+                                         "weights_sha256": ext.sha256, "preprocessing": ext.preprocessing,
+                                         "planes": planes, "depth": depth, "ref_norm": "minmax per volume",
+                                         "format": FEATURE_FORMAT}, sort_keys=True).encode()).hexdigest()
+        entry = folder / "features" / f"{key}.npz"
     if entry is not None and entry.is_file():
         try:
             with np.load(entry, allow_pickle=False) as z:
                 return z["features"], z["groups"], True
         except Exception:  # torn entry: recompute
             pass
-    f, g = extract(paths, ext, "ref", planes, depth, workers=workers)
+    f, g = extract(paths, ext, "ref", planes, depth, workers=workers, timings=timings)
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -383,19 +564,31 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
     gen_files = gen_files[:max_items]
     ref_files, ref_name = _ref_inputs(ref, recs, data, modality)
     binary = any(r.get("modality") == "seg" for r in recs) or modality == "seg"
+    import time
+
+    clock = [time.perf_counter()]
+
+    def lap():
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 4)
+
     ext = features.load(extractor, weights, device, precision)
+    seconds = {"load_network": lap()}
     rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, workers)
+    seconds["reference"] = lap()
     gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, workers)
+    seconds["generated"] = lap()
     protocols = ("reference", "standard") if protocol == "both" else (protocol,)
+    la_device = ext.device if ext.device.type == "cuda" else None  # FID's eigendecompositions
     prep = f"{ext.preprocessing}; planes {planes}; first {depth} axial slices; gen clamp [0,1]" + \
            ("/threshold 0.5" if binary else "") + "; ref min-max per volume"
     out = []
     for name in names:
         for prot in (("reference",) if name == "fid" else protocols):
-            v = distribution.compute(name, gf, rf, prot, seed)
+            v = distribution.compute(name, gf, rf, prot, seed, la_device)
             interval = None
             if ci:
-                interval = bootstrap.interval(lambda a, b: distribution.compute(name, a, b, prot, seed).value,
+                interval = bootstrap.interval(lambda a, b: distribution.compute(name, a, b, prot, seed, la_device).value,
                                               gf, rf, gg, rg, replicates=ci_replicates, seed=seed)
             rec_name = name if prot == "reference" or name == "fid" else f"{name}_standard"
             prot_label = {"fid": "frechet, unbiased covariance",
@@ -406,7 +599,9 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
             rec = records.make("metric", name=rec_name, value=v.value, ci=interval, n_gen=len(gen_files),
                                n_ref=len(ref_files), ref=ref_name, protocol=prot_label, extractor=ext.name,
                                weights_sha256=ext.sha256, preprocessing=prep, seed=seed)
+            seconds[rec_name] = lap()
             rec.update({"n_gen_slices": int(len(gf)), "n_ref_slices": int(len(rf)), "ref_cache_hit": hit,
+                        "seconds": dict(seconds),
                         "detail": v.detail, "weights_path": ext.weights_path,
                         "ci_method": f"percentile bootstrap over volumes, {ci_replicates} replicates, 95%" if ci else None})
             human = f"{rec_name}\t{v.value:.6g}" + (f"\t[{interval[0]:.6g}, {interval[1]:.6g}]" if interval else "")

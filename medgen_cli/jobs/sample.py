@@ -31,6 +31,7 @@ class Condition:
     spacing: tuple[float, float, float]  # (x, y, z) mm of the model-space grid
     depth: int | None  # 3D: slices to keep on output
     affine: np.ndarray | None = None
+    meta: dict | None = None  # extra record fields (size bins, multi-mode modality)
 
 
 def finish(arr: np.ndarray, is_seg: bool) -> np.ndarray:
@@ -72,8 +73,10 @@ def model_grid(path: Path, override, image_size: int) -> tuple[tuple[float, floa
     return spacing, aff
 
 
-def conditions(preset, root: Path | None, split: str, n: int) -> list[Condition]:
+def conditions(preset, root: Path | None, split: str, n: int, bins=None, modality=None) -> list[Condition]:
     d = preset.data
+    if d.mode in BIN_MODES or d.mode == "multi":
+        return _mode_conditions(preset, root, split, n, bins, modality)
     if d.mode == "seg":
         sp = (FOV_MM / d.image_size, FOV_MM / d.image_size, 1.0)
         empty = np.zeros((0,) + ((d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to,) + (d.image_size,) * 2),
@@ -83,6 +86,81 @@ def conditions(preset, root: Path | None, split: str, n: int) -> list[Condition]
         raise UsageError("bravo models are conditioned on masks: no dataset given", "--data",
                          "pass --data DIR (the masks of its --split are used)")
     return _slice_conditions(preset, root, split, n) if d.dims == 2 else _volume_conditions(preset, root, split, n)
+
+
+# ---- modes & conditioning (issue 5): size-bin and multi-modality conditions ----------------------------
+BIN_MODES = ("seg_conditioned", "seg_conditioned_input")
+MASK_MODES = ("bravo", "dual", "multi")  # modes conditioned on a mask (written beside each output)
+MULTI_MODALITIES = ("bravo", "flair", "t1_pre", "t1_gd")  # mode ids 0..3
+
+
+def output_modalities(preset, c: Condition | None = None) -> tuple[str, ...]:
+    """File names of the output channels."""
+    mode = preset.data.mode
+    if mode == "dual":
+        return ("t1_pre", "t1_gd")
+    if mode == "multi":
+        return ((c.meta or {}).get("modality", "bravo"),) if c is not None else ("bravo",)
+    return ("seg",) if mode == "seg" or mode in BIN_MODES else ("bravo",)
+
+
+def parse_bins(value, max_count: int) -> list[int] | None:
+    """``--bins 1,0,2,0,0,0,0`` → 7 tumour counts per size bin (0-3, 3-6, 6-10, 10-15, 15-20, 20-30, >=30 mm)."""
+    if value is None:
+        return None
+    try:
+        bins = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        bins = []
+    if len(bins) != 7 or any(b < 0 or b > max_count for b in bins):
+        raise UsageError(f"--bins takes 7 counts in 0..{max_count}, got '{value}'", "--bins",
+                         "e.g. --bins 1,0,2,0,0,0,0 (bins 0-3, 3-6, 6-10, 10-15, 15-20, 20-30, >=30 mm)")
+    return bins
+
+
+def _spatial(d) -> tuple[int, ...]:
+    return (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
+
+
+def _mode_conditions(preset, root, split, n, bins, modality) -> list[Condition]:
+    """seg_conditioned*: ``bins`` for every output, else the bins of the split's first n masks (the
+    seg-positive slices in 2D). multi: the split's first n masks (as bravo mode) + ``modality``'s id."""
+    from ..data.datasets import bin_maps, mode_maps
+
+    d = preset.data
+    if d.mode == "multi":
+        modality = modality or "bravo"
+        if modality not in MULTI_MODALITIES:
+            raise UsageError(f"unknown modality '{modality}'", "--modality", f"choose {', '.join(MULTI_MODALITIES)}")
+        base = conditions(preset.model_copy(update={"data": d.model_copy(update={"mode": "bravo"})}), root, split, n)
+        out = []
+        for c in base:
+            maps = mode_maps(MULTI_MODALITIES.index(modality), c.cond.shape[1:]).numpy()
+            out.append(Condition(np.concatenate([c.cond[:1], maps]), c.path, c.spacing, c.depth, c.affine,
+                                 {"modality": modality}))
+        return out
+    if modality is not None:
+        raise UsageError("--modality chooses the output of multi-mode models", "--modality", "drop --modality")
+    sp = (FOV_MM / d.image_size, FOV_MM / d.image_size, 1.0)
+    depth = d.depth if d.dims == 3 else None
+    if bins is not None:
+        maps = bin_maps(bins, _spatial(d), preset.conditioning.max_count).numpy()
+        return [Condition(maps, None, sp, depth, None, {"bins": list(bins)})] * n
+    if root is None:
+        raise UsageError("size-bin models need bins: none given", "--bins",
+                         "pass --bins 1,0,2,0,0,0,0, or --data DIR to take the bins of its --split masks")
+    ds = build.build_dataset(preset, split, root)
+    if len(ds) < n:
+        raise InputError(f"split '{split}' has {len(ds)} usable masks, {n} samples asked", str(root / split),
+                         f"use --n {len(ds)}")
+    out = []
+    for i in range(n):
+        it = ds[i]
+        mask = Path(root) / split / it["patient"] / "seg.nii.gz"
+        where = f"{mask}#slice={it['slice']}" if d.dims == 2 else str(mask)
+        out.append(Condition(it["cond"].numpy(), where, sp, depth, None, {"bins": it["bins"].tolist()}))
+    return out
+# ---- end modes & conditioning ------------------------------------------------------------------------
 
 
 def _volume_conditions(preset, root, split, n) -> list[Condition]:
@@ -239,7 +317,8 @@ def generate_items(model, strategy, preset, sc, conds, idx, dev, noise=None):
     noise = _noise(preset, idx, sc.seed, dev) if noise is None else noise
     dtype = torch.bfloat16 if sc.state_dtype == "bf16" else None
     out = sample_batch(model, strategy, noise, cond, make_plan(sc), keys=[(sc.seed, i) for i in idx],
-                       autocast=autocast(dev, preset.train.precision), state_dtype=dtype)
+                       autocast=autocast(dev, preset.train.precision), state_dtype=dtype,
+                       space=build.build_space(preset))  # spaces.py: decoded to pixels
     return out
 
 
@@ -248,13 +327,19 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
 
     ref = checkpoint_ref(run_ref)
     ck, preset = _load(ref, opts.get("weights"), opts.get("which"))
+    opts = dict(opts)
+    bins = parse_bins(opts.pop("bins", None), preset.conditioning.max_count)  # modes & conditioning (issue 5)
+    modality = opts.pop("modality", None)
+    if bins is not None and preset.data.mode not in BIN_MODES:
+        raise UsageError(f"--bins conditions size-bin models, this one is '{preset.data.mode}'", "--bins",
+                         "drop --bins")
     sc = sample_options(preset, opts)
     if paired is not None:
         yield from run_paired(ck, preset, sc, out, data, device, dry_run, opts, **paired)
         return
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
-    conds = conditions(preset, root, sc.split, sc.n)
+    conds = conditions(preset, root, sc.split, sc.n, bins, modality)
     if dry_run:
         yield {"kind": "config", "checkpoint": str(ck.step_dir), "out": str(out), "sample": sc.model_dump()}, \
             f"would write {sc.n} samples to {out}"
@@ -267,11 +352,13 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
         idx = list(range(start, min(start + sc.batch_size, sc.n)))
         res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
         for j, i in enumerate(idx):
-            rec = _write(out, i, res.x[j, 0].cpu().numpy(), conds[i], preset, sc, ck, root, res.nfe[j],
-                         res.cfg_batched)
-            with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(records.dumps(rec) + "\n")
-            yield rec, rec["path"]
+            for ch, modality in enumerate(output_modalities(preset, conds[i])):  # dual: one record per file
+                rec = _write(out, i, res.x[j, ch].cpu().numpy(), conds[i], preset, sc, ck, root, res.nfe[j],
+                             res.cfg_batched, modality=modality,
+                             extra={k: v for k, v in (conds[i].meta or {}).items() if k != "modality"})
+                with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(records.dumps(rec) + "\n")
+                yield rec, rec["path"]
 
 
 def _check_solver(preset, solver: str) -> None:
@@ -288,36 +375,36 @@ def _check_solver(preset, solver: str) -> None:
 def _noise(preset, idx: list[int], seed: int, dev):
     import torch
 
-    d = preset.data
-    img, _ = preset.channels()
-    spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
-    draws = [torch.randn((img, *spatial), generator=torch.Generator().manual_seed(seed + i)) for i in idx]
+    shape = build.space_shape(preset)  # (C, *spatial) in the model's space (pixels unless [space] says)
+    draws = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx]
     return torch.stack(draws).to(dev)  # (B, C, ...)
 
 
 def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, root, nfe, cfg_batched=False,
-           folder: Path | None = None, as_volume: bool = False, extra: dict | None = None) -> dict:
+           folder: Path | None = None, as_volume: bool = False, extra: dict | None = None,
+           modality: str | None = None) -> dict:
     from ..data.nifti import write_nifti
     from ..previews import save_png, view
 
-    is_seg = preset.data.mode == "seg"
+    is_seg = preset.data.mode == "seg" or preset.data.mode in BIN_MODES
     arr = finish(arr, is_seg)  # (H, W) or (D, H, W)
     if arr.ndim == 3:
         arr = arr[: c.depth]
     folder = folder or out / f"{i:05d}"
     folder.mkdir(parents=True, exist_ok=True)
-    modality = "seg" if is_seg else "bravo"
+    modality = modality or ("seg" if is_seg else "bravo")
     disk = np.transpose(arr, (1, 2, 0)) if arr.ndim == 3 else arr  # (H, W, D) or (H, W)
     if as_volume and disk.ndim == 2:
         disk = disk[..., None]  # (H, W, 1): a dataset file is always a volume
     geo = {"affine": c.affine} if c.affine is not None else {"spacing": c.spacing}  # the mask's grid, else FOV
     path = write_nifti(folder / f"{modality}.nii.gz", disk.astype(np.uint8) if is_seg else disk, **geo)
-    if c.cond.shape[0]:
+    if c.cond.shape[0] and preset.data.mode in MASK_MODES:
         m = c.cond[0][: c.depth] if arr.ndim == 3 else c.cond[0]
         m = np.transpose(m, (1, 2, 0)) if m.ndim == 3 else m
         m = m[..., None] if as_volume and m.ndim == 2 else m
         write_nifti(folder / "seg.nii.gz", (m > 0.5).astype(np.uint8), **geo)
-    save_png(out / "previews" / f"{i:05d}.png", view(arr))
+    save_png(out / "previews" / (f"{i:05d}.png" if modality in ("bravo", "seg") else f"{i:05d}-{modality}.png"),
+             view(arr))
     return records.make(
         "sample", path=str(path), run=str(Path(ck.step_dir).parent.parent), checkpoint=str(ck.step_dir),
         weights=ck.weights, seed=sc.seed, index=i, solver=sc.solver, steps=sc.steps, nfe=nfe, cfg=sc.cfg,
@@ -372,7 +459,7 @@ def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, ret
     from ..runtime import keyed_generator
 
     d = mpreset.data
-    spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
+    shape = build.space_shape(mpreset)  # (1, *spatial) in the mask model's space
     empty = conditions(mpreset, None, "val", 1)[0]
     accepted: dict[int, np.ndarray] = {}
     stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0} for i in range(n)}
@@ -380,7 +467,7 @@ def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, ret
         pending = [i for i in range(n) if i not in accepted]
         for start in range(0, len(pending), msc.batch_size):
             idx = pending[start:start + msc.batch_size]
-            noise = torch.stack([torch.randn((1, *spatial), generator=keyed_generator(msc.seed, STREAM_MASK, i, r))
+            noise = torch.stack([torch.randn(shape, generator=keyed_generator(msc.seed, STREAM_MASK, i, r))
                                  for i in idx]).to(dev)  # (B, 1, ...)
             res = generate_items(mmodel, mstrategy, mpreset, msc, [empty] * len(idx), idx, dev, noise=noise)
             for j, i in enumerate(idx):

@@ -105,8 +105,9 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     root = build.data_root(p)
     check_data(p, root)
     world, device = init_world(p.train.device)
-    train_ds = build.build_dataset(p, p.data.train_split, root)
+    train_ds = build.build_dataset(p, p.data.train_split, root, train=True)
     val_ds = build.build_dataset(p, p.data.val_split, root)
+    space = build.build_space(p, train_ds)  # spaces.py; may estimate space.stats into p before config.json
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -114,7 +115,7 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     barrier(world)
     trainer = Trainer(build.build_model(p), build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
                       build.config_json(p), device, num_workers=p.data.num_workers, world=world,
-                      min_snr_unsquared=p.compat.min_snr_rflow_unsquared)
+                      min_snr_unsquared=p.compat.min_snr_rflow_unsquared, space=space)
     if resume:
         trainer.resume(ckpt.resolve_step_dir(run_dir, "latest"))
         log.info(f"resuming {run_dir} at step {trainer.state.step} (epoch {trainer.state.epoch})")
@@ -137,7 +138,7 @@ def check_data(p, root: Path) -> None:
     """Refuse a dataset with problems before any work: every problem listed at once."""
     from ..data.layout import check_dataset
 
-    mods = ["bravo", "seg"] if p.data.mode == "bravo" else ["seg"]
+    mods = list(p.modalities())
     problems = [x for x in check_dataset(root, mods, [p.data.train_split, p.data.val_split])
                 if x.severity == "error"]
     if problems:
@@ -162,9 +163,10 @@ def _preview(trainer, epoch: int) -> None:
     items = [trainer.val_ds[i] for i in picks]
     cond = torch.stack([it["cond"] for it in items]).to(trainer.device)
     shape = tuple(items[0]["image"].shape)
+    shape = trainer.space.shape(shape) if trainer.space is not None else shape  # noise in the model's space
     noise = randn_keyed(shape, [(trainer.cfg.seed, 6, i) for i in range(n)], trainer.device)
     x, _ = generate(trainer.eval_model().eval(), trainer.strategy, noise, cond, "euler" if
-                    getattr(trainer.strategy, "kind", "rflow") != "ddpm" else "ddim", 10)
+                    getattr(trainer.strategy, "kind", "rflow") != "ddpm" else "ddim", 10, space=trainer.space)
     mode_seg = cond.shape[1] == 0
     pics = [view(finish(x[i, 0].cpu().numpy(), mode_seg)) for i in range(n)]
     pics += [view(it["image"][0].numpy()) for it in items]

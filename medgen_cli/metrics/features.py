@@ -15,6 +15,16 @@ every cache key:
   ``open_clip_pytorch_model.bin``); only the ``visual.*`` weights are loaded (no text tower, so no
   tokenizer or ``transformers`` is needed). Bilinear resize to the config's image size (224),
   clamp, gray → 3 channels, the config's mean/std (OpenAI CLIP's).
+* ``radimagenet-resnet50`` — the reference's optional FID/KID network (``fid_radimagenet``): the
+  RadImageNet ResNet50 (Keras architecture, ``nets.KerasResNet50``) from
+  ``RadImageNet-ResNet50_notop.pth``, global average pool → 2048-d. Bilinear 224×224, clamp, gray →
+  3 channels in BGR order, mean subtraction only (BGR means 0.406, 0.456, 0.485; no division),
+  as MONAI's RadImageNet perceptual network preprocesses.
+* ``inception-v3`` — the literature's FID network: Inception-v3 of the TensorFlow FID graph
+  (``nets.FIDInception``) with ``pt_inception-2015-12-05-6726825d.pth``, 2048-d pool features.
+  Bilinear 299×299 (align_corners False), clamp, gray → 3 channels, scaled to [−1, 1].
+* ``inception-v3-torchvision`` — torchvision's ImageNet Inception3 (``inception_v3_google-0cc3c7bd.pth``),
+  fc removed, same input scaling. Its features differ from the FID network's; never compare the two.
 
 Precision: ``bf16`` autocast (the reference) on CUDA, ``fp32`` on the CPU, unless chosen.
 Weights are read with ``torch.load(weights_only=True)``; their sha256 is ``extractor.sha256``.
@@ -38,8 +48,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BIOMEDCLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_config.json")
 RESNET50_FILE = "resnet50-0676ba61.pth"
+RADIMAGENET_FILE = "RadImageNet-ResNet50_notop.pth"
+RADIMAGENET_BGR_MEAN = (0.406, 0.456, 0.485)
+FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+TV_INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 
-EXTRACTORS = ("resnet50-imagenet", "biomedclip")
+EXTRACTORS = ("resnet50-imagenet", "biomedclip", "radimagenet-resnet50", "inception-v3", "inception-v3-torchvision")
 DEFAULT_FOR = {"fid": "resnet50-imagenet", "kid": "resnet50-imagenet", "cmmd": "biomedclip"}
 
 
@@ -56,11 +70,12 @@ class Extractor:
     precision: str
     device: object
     channels_last: bool = False
+    note: str = ""
 
     @property
     def preprocessing(self) -> str:
-        return (f"gray->3ch; bilinear {self.size}x{self.size} (align_corners=False, no antialias); clamp [0,1]; "
-                f"mean {list(self.mean)} std {list(self.std)}; {self.precision}")
+        return (f"gray->3ch{self.note}; bilinear {self.size}x{self.size} (align_corners=False, no antialias); "
+                f"clamp [0,1]; mean {list(self.mean)} std {list(self.std)}; {self.precision}")
 
     def __call__(self, x):
         """``(N, C, H, W)`` in [0, 1] → ``(N, dim)`` float32 on the extractor's device."""
@@ -112,7 +127,43 @@ def _resnet50(path: Path):
         raise InputError(f"weights do not fit a torchvision ResNet50: {str(exc).splitlines()[0]}", path,
                          f"use torchvision's IMAGENET1K_V1 file {RESNET50_FILE}") from exc
     net.fc = torch.nn.Identity()
-    return net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD
+    return net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD, ""
+
+
+def _radimagenet(path: Path):
+    from . import nets
+
+    net = nets.KerasResNet50()
+    _load_into(net, path, "the RadImageNet ResNet50 (Keras) architecture", RADIMAGENET_FILE)
+    return nets.GlobalPool(net), 2048, 224, RADIMAGENET_BGR_MEAN, (1.0, 1.0, 1.0), " (BGR)"
+
+
+def _fid_inception(path: Path):
+    from . import nets
+
+    net = nets.FIDInception()
+    _load_into(net, path, "the FID Inception-v3", FID_INCEPTION_FILE)
+    return net, 2048, 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ""
+
+
+def _tv_inception(path: Path):
+    import torch
+    import torchvision
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
+    _load_into(net, path, "torchvision's Inception3", TV_INCEPTION_FILE)
+    net.fc = torch.nn.Identity()
+    return net, 2048, 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ""
+
+
+def _load_into(net, path: Path, what: str, expected: str) -> None:
+    from . import nets
+
+    try:
+        nets.load_strict(net, W.load_pickled_state(path))
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit {what}: {str(exc).splitlines()[0]}", path,
+                         f"use the original {expected}") from exc
 
 
 def _biomedclip(path: Path):
@@ -141,7 +192,8 @@ def _biomedclip(path: Path):
     pre = cfg.get("preprocess_cfg", {})
     size = vision_cfg.get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return net, int(model_cfg["embed_dim"]), int(size), tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD))
+    return (net, int(model_cfg["embed_dim"]), int(size), tuple(pre.get("mean", CLIP_MEAN)),
+            tuple(pre.get("std", CLIP_STD)), "")
 
 
 def _fit_input_size(net, size) -> None:
@@ -159,6 +211,14 @@ _SPECS: dict[str, tuple[tuple[str, ...], dict, Callable]] = {
     "biomedclip": (BIOMEDCLIP_FILES, {"hub_checkpoint": False, "hf_repo": BIOMEDCLIP_REPO,
                                       "how": f"on a connected machine run `huggingface-cli download {BIOMEDCLIP_REPO}` "
                                              "and copy the cache (or the snapshot folder)"}, _biomedclip),
+    "radimagenet-resnet50": ((RADIMAGENET_FILE,), {"how": f"copy {RADIMAGENET_FILE} (the Warvito/radimagenet-models "
+                                                          "release, as torch.hub caches it) from a connected machine"},
+                             _radimagenet),
+    "inception-v3": ((FID_INCEPTION_FILE,), {"how": f"copy {FID_INCEPTION_FILE} (the pytorch-fid release, as "
+                                                    "torch.hub caches it) from a connected machine"}, _fid_inception),
+    "inception-v3-torchvision": ((TV_INCEPTION_FILE,), {"how": "download torchvision's Inception3 IMAGENET1K_V1 "
+                                                               f"weights ({TV_INCEPTION_FILE}) on a connected machine"},
+                                 _tv_inception),
 }
 
 
@@ -182,13 +242,14 @@ def load(name: str, weights=None, device=None, precision=None, channels_last: bo
     check_name(name)
     path = find_weights(name, weights)
     _, _, build = _SPECS[name]
-    net, dim, size, mean, std = build(path)
+    net, dim, size, mean, std, note = build(path)
     dev = _device(device)
     prec = _precision(precision, dev)
-    cl = (dev.type == "cuda" and name.startswith("resnet")) if channels_last is None else channels_last
+    cl = (dev.type == "cuda" and name != "biomedclip") if channels_last is None else channels_last
     net = net.eval().to(dev)
     if cl:
         net = net.to(memory_format=torch.channels_last)
     for p in net.parameters():
         p.requires_grad_(False)
-    return Extractor(name, dim, net, size, tuple(mean), tuple(std), str(path), W.sha256_file(path), prec, dev, cl)
+    return Extractor(name, dim, net, size, tuple(mean), tuple(std), str(path), W.sha256_file(path), prec, dev, cl,
+                     note)

@@ -73,3 +73,73 @@ def lpips_alex(gen, ref, weights=None, chunk: int = 32):
     b, c, d, h, w = gen.shape
     sl = lambda x: x.transpose(1, 2).reshape(b * d, c, h, w)  # noqa: E731
     return score(sl(gen), sl(ref)).reshape(b, d).mean(1)
+
+
+# ---- the reference's "LPIPS": MONAI PerceptualLoss with the RadImageNet ResNet50 ---------------
+RADIMAGENET_PREPROCESSING = ("clamp [0,1]; gray->3ch (BGR), minus BGR means [0.406, 0.456, 0.485]; no resize; "
+                             "RadImageNet ResNet50 last-stage maps, unit-normalised over channels (eps 1e-10 in "
+                             "the root); squared difference summed over channels, mean over space; fp32; "
+                             "3D: axial slices in chunks of 32, mean over all slices of a volume")
+_RADNETS: dict = {}
+
+
+def radimagenet_path(weights=None):
+    from .features import find_weights
+
+    return find_weights("radimagenet-resnet50", weights)
+
+
+def radimagenet_sha256(weights=None) -> str:
+    return W.sha256_file(radimagenet_path(weights))
+
+
+def radimagenet_net(weights=None, device="cpu"):
+    """The Keras-architecture ResNet50 (feature maps, no pooling) with the RadImageNet weights, cached."""
+    from . import nets
+    from .features import RADIMAGENET_FILE, _load_into
+
+    path = radimagenet_path(weights)
+    key = (str(path), str(device))
+    if key not in _RADNETS:
+        net = nets.KerasResNet50()
+        _load_into(net, path, "the RadImageNet ResNet50 (Keras) architecture", RADIMAGENET_FILE)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        _RADNETS[key] = net.eval().to(device)
+    return _RADNETS[key]
+
+
+def radimagenet_distance(net, a, b):
+    """MONAI ``RadImageNetPerceptualSimilarity`` per 2D sample: ``(N, C, H, W)`` pairs in [0, 1] → ``(N,)``."""
+    import torch
+
+    from .features import RADIMAGENET_BGR_MEAN
+
+    mean = torch.tensor(RADIMAGENET_BGR_MEAN, device=a.device).view(1, 3, 1, 1)
+
+    def feats(x):
+        x = x.float()
+        x = x.mean(1, keepdim=True) if x.shape[1] > 1 else x
+        f = net(x.expand(-1, 3, -1, -1) - mean)  # gray: RGB -> BGR is the identity
+        return f / torch.sqrt((f * f).sum(1, keepdim=True) + 1e-10)
+
+    with torch.no_grad():
+        return ((feats(a) - feats(b)) ** 2).sum(1).mean((1, 2))
+
+
+def perceptual_radimagenet(gen, ref, weights=None, chunk: int = 32):
+    """Per-sample RadImageNet perceptual distance ``(B,)``; 3D ``(B, C, D, H, W)`` per axial slice, averaged."""
+    import torch
+
+    net = radimagenet_net(weights, gen.device)
+    prep = lambda x: x.float().clamp(0, 1)  # noqa: E731
+
+    def score(a, b):
+        return torch.cat([radimagenet_distance(net, prep(a[i:i + chunk]), prep(b[i:i + chunk]))
+                          for i in range(0, a.shape[0], chunk)])
+
+    if gen.ndim == 4:
+        return score(gen, ref)
+    b, c, d, h, w = gen.shape
+    sl = lambda x: x.transpose(1, 2).reshape(b * d, c, h, w)  # noqa: E731
+    return score(sl(gen), sl(ref)).reshape(b, d).mean(1)

@@ -2,7 +2,8 @@
 
 Search order for a network's file (the first hit wins):
 
-1. ``--weights PATH`` (a file, or a folder holding the expected file name);
+1. ``--weights PATH`` (a file, or a folder holding the expected file name); when given, it is the
+   only place looked;
 2. ``$MEDGEN_WEIGHTS_<NAME>`` (NAME upper-cased, ``-`` → ``_``, e.g. ``MEDGEN_WEIGHTS_RESNET50_IMAGENET``),
    then ``$MEDGEN_WEIGHTS_DIR/<file name>``;
 3. the standard caches: torch hub (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub``) for
@@ -82,9 +83,14 @@ def resolve(name: str, files: tuple[str, ...], explicit=None, hub_checkpoint: bo
             return cand
         return None
 
+    if explicit:  # an explicit path is the only place looked: never fall back silently to a cache
+        found = hit(Path(explicit))
+        if found is not None:
+            return found
+        raise InputError(f"weights for '{name}' not found at {explicit}", "--weights",
+                         f"expected the file {files[0]}" + (f" with {', '.join(files[1:])} beside it" if files[1:] else ""),
+                         details=[f"looked in: {p}" for p in looked])
     candidates: list[Path] = []
-    if explicit:
-        candidates.append(Path(explicit))
     if os.environ.get(env_name(name)):
         candidates.append(Path(os.environ[env_name(name)]))
     else:
@@ -102,10 +108,6 @@ def resolve(name: str, files: tuple[str, ...], explicit=None, hub_checkpoint: bo
         found = hit(c)
         if found is not None:
             return found
-    if explicit:
-        raise InputError(f"weights for '{name}' not found at {explicit}", "--weights",
-                         f"expected the file {files[0]}" + (f" with {', '.join(files[1:])} beside it" if files[1:] else ""),
-                         details=[f"looked in: {p}" for p in looked])
     raise InputError(f"no weights for feature network '{name}' (medgen never downloads)", "--extractor " + name,
                      f"{how or 'download ' + files[0]} and pass --weights PATH, set ${env_name(name)}, "
                      f"or put it in {torch_hub_dir() / 'checkpoints'}",

@@ -3,7 +3,8 @@
 Imports neither ``diffusion`` nor ``solvers`` (docs/ARCHITECTURE.md).
 """
 
+from .dit import DiT, build_dit
 from .registry import MODELS, build_model, count_parameters
 from .unet import UNet, build_unet
 
-__all__ = ["MODELS", "UNet", "build_model", "build_unet", "count_parameters"]
+__all__ = ["DiT", "MODELS", "build_dit", "UNet", "build_model", "build_unet", "count_parameters"]

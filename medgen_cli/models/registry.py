@@ -9,9 +9,10 @@ from torch import nn
 
 from medgen_cli.errors import ConfigError, did_you_mean
 
+from .dit import build_dit
 from .unet import build_unet
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"unet": build_unet}
+MODELS: dict[str, Callable[..., nn.Module]] = {"unet": build_unet, "dit": build_dit}
 
 
 def _builder(kind: str) -> Callable[..., nn.Module]:
