@@ -1,10 +1,12 @@
-"""Training step and one network evaluation of the 3D presets: medgen beside a plain MONAI loop.
+"""Training step, one network evaluation and a 25-step sample: medgen beside a plain MONAI loop.
 
 Prints one JSON object per preset: seconds per training step (forward, backward, clipping,
 optimizer, EMA when on), seconds per network evaluation (bf16, no grad), peak GPU memory, and the
 ratio plain/medgen (> 1 means medgen is faster). Needs a CUDA GPU.
 
-    python benchmarks/bench_unet3d.py [--presets 3d-pixel-128 3d-pixel-256] [--iters 10]
+    python benchmarks/bench_unet.py [--presets 3d-pixel-128 3d-pixel-256 2d-pixel-128 2d-pixel-256] [--iters 10]
+
+Batch size is the preset's (1 in 3D, 16 in 2D); 2D figures are also given as images/s.
 
 The plain loop is what a researcher writes from the MONAI tutorials: DiffusionModelUNet, AdamW,
 RFlowScheduler.add_noise, bf16 autocast, fp32 MSE, clip_grad_norm_. Both build the same UNet.
@@ -42,7 +44,8 @@ def peak(fn) -> float:
 
 def batch_for(preset, dev):
     d = preset.data
-    shape = (1, 1, d.pad_depth_to, d.image_size, d.image_size)
+    spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
+    shape = (preset.train.batch_size, 1, *spatial)
     image = torch.rand(shape, device=dev)
     cond = (torch.rand(shape, device=dev) > 0.99).float()
     return image, cond
@@ -76,7 +79,7 @@ def plain_step(preset, dev, image, cond):
     from monai.networks.schedulers import RFlowScheduler
 
     m = preset.model
-    net = DiffusionModelUNet(spatial_dims=3, in_channels=2, out_channels=1, channels=m.channels,
+    net = DiffusionModelUNet(spatial_dims=preset.data.dims, in_channels=2, out_channels=1, channels=m.channels,
                              attention_levels=m.attention_levels, num_res_blocks=m.num_res_blocks,
                              num_head_channels=m.num_head_channels, norm_num_groups=m.norm_num_groups).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -99,7 +102,7 @@ def plain_step(preset, dev, image, cond):
 
 def evaluation(net, dev, image, cond):
     x = torch.cat([image, cond], 1)
-    t = torch.full((1,), 500.0, device=dev)
+    t = torch.full((image.shape[0],), 500.0, device=dev)
 
     @torch.no_grad()
     def run():
@@ -107,6 +110,15 @@ def evaluation(net, dev, image, cond):
             net(x, t)
 
     return run
+
+
+def sample25(tr, dev, image, cond):
+    """A 25-step Euler sample of the whole batch through medgen's generate()."""
+    from medgen_cli.engine.sampling import generate
+    from medgen_cli.runtime import autocast
+
+    noise = torch.randn_like(image)
+    return lambda: generate(tr.model.eval(), tr.strategy, noise, cond, "euler", 25, autocast(dev, "bf16"))
 
 
 def bench(name: str, iters: int) -> dict:
@@ -123,6 +135,7 @@ def bench(name: str, iters: int) -> dict:
         out[f"{label}_peak_gib"] = peak(step)
         if ckpt is None:
             out["medgen_eval_s"] = timed(evaluation(tr.model.eval(), dev, image, cond), iters)
+            out["medgen_sample25_s"] = timed(sample25(tr, dev, image, cond), 2, warmup=1)
         del tr, step
         torch.cuda.empty_cache()
     preset = load(name).preset
@@ -134,12 +147,16 @@ def bench(name: str, iters: int) -> dict:
     out["ratio_step"] = out["plain_step_s"] / out["medgen_step_s"]
     out["ratio_step_nockpt"] = out["plain_step_s"] / out["medgen-nockpt_step_s"]
     out["ratio_eval"] = out["plain_eval_s"] / out["medgen_eval_s"]
+    if preset.data.dims == 2:
+        b = preset.train.batch_size
+        out["medgen_train_img_s"] = b / out["medgen-nockpt_step_s"]
+        out["plain_train_img_s"] = b / out["plain_step_s"]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="+", default=["3d-pixel-128", "3d-pixel-256"])
+    ap.add_argument("--presets", nargs="+", default=["3d-pixel-128", "3d-pixel-256", "2d-pixel-128", "2d-pixel-256"])
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     if not torch.cuda.is_available():
