@@ -5,10 +5,11 @@ Randomness (CONTRACTS.md "Randomness"). Every random draw that matters for resul
 stream)`` in training and ``(seed, index)`` in sampling. No global RNG is consulted, so the draw for a
 given key does not depend on batch composition, resume point or data-parallel rank.
 
-:func:`randn_keyed` and :func:`rand_keyed` always draw on the CPU in float32 and then move/cast the
-result. A CUDA generator produces a different stream from a CPU generator with the same seed; drawing
-on the CPU makes CPU and GPU runs see the very same numbers. The cost (one small host→device copy
-per batch) is negligible next to a network forward pass.
+:func:`rand_keyed` draws on the CPU (a few numbers). :func:`randn_keyed` draws each sample on the
+target device with a generator of that device: a CUDA generator gives a different (equally keyed)
+stream from a CPU one, so CPU and GPU runs differ in their noise while every run on one device type
+is reproducible whatever the batch, rank or resume point. Drawing 10.5 M normals per 256×256×160
+sample on the CPU and copying them cost 0.1 s of a 0.53 s H200 training step (benchmarks/NOTES.md).
 
 Everything here is a leaf below the other torch modules (ARCHITECTURE.md "Dependency direction").
 """
@@ -83,14 +84,15 @@ def seeded(*keys: int):
 def randn_keyed(shape, keys, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Standard normal noise ``(B, *shape)``; sample ``i`` comes from its own generator ``keys[i]``.
 
-    Drawn on the CPU in float32 and then moved to ``device`` and cast to ``dtype``, so the numbers do
-    not depend on the device (see the module docstring) and sample ``i`` is the same whatever else is
-    in the batch.
+    Drawn in float32 on ``device`` (see the module docstring), then cast to ``dtype``; sample ``i``
+    is the same whatever else is in the batch.
     """
-    draws = [torch.randn(tuple(shape), generator=keyed_generator(*k)) for k in keys]  # B × shape
+    dev = torch.device(device)
+    draws = [torch.randn(tuple(shape), generator=keyed_generator(*k, device=dev), device=dev)
+             for k in keys]  # B × shape
     if not draws:
-        return torch.empty((0, *shape), device=device, dtype=dtype)
-    return torch.stack(draws).to(device=device, dtype=dtype)  # (B, *shape)
+        return torch.empty((0, *shape), device=dev, dtype=dtype)
+    return torch.stack(draws).to(dtype=dtype)  # (B, *shape)
 
 
 def rand_keyed(keys, device="cpu") -> torch.Tensor:

@@ -183,7 +183,8 @@ def test_stop_signals_outside_main_thread_install_nothing():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_draws_device_and_precision():
     keys = [(42, 3, i) for i in range(4)]
-    assert torch.equal(rt.randn_keyed((1, 8, 8), keys, "cuda").cpu(), rt.randn_keyed((1, 8, 8), keys, "cpu"))
+    gpu = rt.randn_keyed((1, 8, 8), keys, "cuda")  # drawn on the GPU: keyed and batch-independent there
+    assert gpu.device.type == "cuda" and torch.equal(gpu[2:3], rt.randn_keyed((1, 8, 8), keys[2:3], "cuda"))
     assert torch.equal(rt.rand_keyed(keys, "cuda").cpu(), rt.rand_keyed(keys, "cpu"))
     assert rt.pick_device("cuda") == torch.device("cuda") and rt.pick_device("auto").type == "cuda"
     with pytest.raises(ResourceError):
