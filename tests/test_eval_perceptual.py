@@ -72,7 +72,7 @@ def test_radimagenet_perceptual_matches_monai(hub, monkeypatch):
     monkeypatch.setattr(torch.hub, "load", lambda *a, **k: net)  # MONAI would fetch the same network
     loss = PerceptualLoss(spatial_dims=2, network_type="radimagenet_resnet50")
     g = torch.Generator().manual_seed(0)
-    a, b = torch.rand(4, 1, 64, 64, generator=g), torch.rand(4, 1, 64, 64, generator=g)
+    a, b = torch.rand(4, 1, 40, 40, generator=g), torch.rand(4, 1, 40, 40, generator=g)
     ours = perceptual.perceptual_radimagenet(a, b)
     assert ours.shape == (4,)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_radimagenet_perceptual_matches_monai(hub, monkeypatch):
     assert ours.mean().item() == pytest.approx(whole.item(), rel=1e-4)
     assert perceptual.perceptual_radimagenet(a, a).abs().max() < 1e-6
     # 3D: slice-wise (chunks of 32), averaged over the slices of each volume
-    va, vb = torch.rand(2, 1, 40, 32, 32, generator=g), torch.rand(2, 1, 40, 32, 32, generator=g)
+    va, vb = torch.rand(2, 1, 34, 16, 16, generator=g), torch.rand(2, 1, 34, 16, 16, generator=g)  # 2 chunks
     v = perceptual.perceptual_radimagenet(va, vb)
     s = perceptual.perceptual_radimagenet(va[1].transpose(0, 1), vb[1].transpose(0, 1))
     assert v.shape == (2,) and v[1].item() == pytest.approx(s.mean().item(), rel=1e-5)

@@ -51,6 +51,16 @@ def sample(
     max_tumour_fraction: Annotated[Optional[float], typer.Option(
         "--max-tumour-fraction", help="--paired: reject masks with any slice above this fraction (0.04).")] = None,
     out_split: Annotated[str, typer.Option("--out-split", help="--paired: split folder written under OUT.")] = "train",
+    diffrs: Annotated[Optional[str], typer.Option(
+        "--diffrs", help="DiffRS: rejection sampling with this head run (Euler, rflow, no CFG).")] = None,
+    diffrs_backsteps: Annotated[Optional[int], typer.Option(
+        "--diffrs-backsteps", help="DiffRS: grid steps to go back on a rejection (1); 0 = lightweight.")] = None,
+    diffrs_gamma: Annotated[Optional[float], typer.Option(
+        "--diffrs-gamma", help="DiffRS: quantile of the warm-up logits used as thresholds (0.75).")] = None,
+    diffrs_warmup: Annotated[Optional[int], typer.Option(
+        "--diffrs-warmup", help="DiffRS: warm-up trajectories for the thresholds (10).")] = None,
+    diffrs_max_iter: Annotated[Optional[int], typer.Option(
+        "--diffrs-max-iter", help="DiffRS: NFE budget of a trajectory before re-initialisation (8 x steps).")] = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -62,7 +72,8 @@ def sample(
             "split": split, "weights": weights, "which": which, "atol": atol, "rtol": rtol, "grid": grid,
             "cfg": cfg, "cfg_end": cfg_end, "restart": restart, "state_dtype": state_dtype,
             "max_retries": max_retries, "max_tumour_fraction": max_tumour_fraction, "bins": bins,
-            "modality": modality}
+            "modality": modality, "diffrs": diffrs, "diffrs_backsteps": diffrs_backsteps,
+            "diffrs_gamma": diffrs_gamma, "diffrs_warmup": diffrs_warmup, "diffrs_max_iter": diffrs_max_iter}
     pair = None
     if paired:
         pair = {"mask_run": mask_run, "mask_steps": mask_steps, "atlas": atlas, "out_split": out_split}

@@ -156,6 +156,47 @@ class SAMConfig(Strict):
     adaptive: bool = False
 
 
+# --- scoreaug/sda, regional weighting, compile (issue 5) ---
+class ScoreAugConfig(Strict):
+    """ScoreAug (engine/scoreaug.py): one transform per batch on the noisy input, condition and target."""
+
+    mode: Literal["single", "compose", "v2"] = "single"  # v1: one of identity/enabled; compose; v2 (+16 patterns)
+    rotation: bool = True  # in-plane rot90 (3D: about the D axis)
+    flip: bool = True  # flips (2D h/v, with rotation the full D4 group; 3D D/H/W)
+    translation: bool = True  # 2D ±40 % x / ±20 % y; 3D 0/±20/±40 % per axis; zero padded
+    cutout: bool = True  # a rectangle of 10-30 % of each side
+    brightness: Optional[float] = Field(None, gt=1)  # B: scale the image by s in [1/B, B] (exp9_2: 1.2)
+    compose_prob: float = Field(0.5, gt=0, le=1)  # compose: probability of each transform
+    omega: bool = True  # feed the 36-d omega encoding to the time embedding (zero-init MLP)
+
+    @model_validator(mode="after")
+    def _something_enabled(self):
+        if not (self.rotation or self.flip or self.translation or self.cutout or self.brightness
+                or self.mode == "v2"):
+            raise ValueError("ScoreAug with every transform disabled would train on identity only")
+        return self
+
+
+class SDAConfig(Strict):
+    """Shifted data augmentation (engine/sda.py): an extra loss branch on rot90/flipped batches."""
+
+    prob: float = Field(0.5, gt=0, le=1)  # probability per batch of the augmented branch
+    noise_shift: float = Field(0.1, ge=0, le=1)  # δ added to the normalised time t of the branch
+    weight: float = Field(1.0, gt=0)  # the branch's MSE is added with this weight
+
+
+class RegionalWeightConfig(Strict):
+    """Per-pixel MSE weights by tumour size (RANO-BM class of each component of the mask)."""
+
+    tiny: float = Field(2.5, gt=0)
+    small: float = Field(1.8, gt=0)
+    medium: float = Field(1.4, gt=0)
+    large: float = Field(1.2, gt=0)
+    background: float = Field(1.0, gt=0)
+    fov_mm: float = Field(240.0, gt=0)  # in-plane pixel size = fov_mm / image size (the reference's scale)
+# --- end scoreaug/sda ---
+
+
 class TrainConfig(Strict):
     epochs: int = Field(500, ge=1)
     max_steps: Optional[int] = Field(None, ge=1)  # cap on optimizer steps (`--max-steps`)
@@ -192,6 +233,24 @@ class TrainConfig(Strict):
     # Per-sample probability of zeroing the whole condition (mask channel, size-bin / mode maps) in
     # training, keyed by (seed, step, sample); what classifier-free guidance's unconditional branch needs.
     cond_dropout: float = Field(0.0, ge=0, lt=1)
+    # --- scoreaug/sda (issue 5) ---
+    scoreaug: Optional[ScoreAugConfig] = None  # mutually exclusive with sda
+    sda: Optional[SDAConfig] = None
+    regional_weighting: Optional[RegionalWeightConfig] = None  # bravo/dual/multi: from the mask; seg modes: target
+    compile: bool = False  # torch.compile the network for training
+    # The reference's "self-conditioning via consistency" (a second no-grad forward on the identical input,
+    # + weight x MSE to it) is a no-op for a deterministic UNet; it is refused, never silently run.
+    self_conditioning: Optional[Literal["consistency"]] = None
+
+    @model_validator(mode="after")
+    def _refuse_consistency(self):
+        if self.self_conditioning == "consistency":
+            raise ValueError("self_conditioning='consistency' (reference exp25_1) compares the network with a "
+                             "second no-grad forward on the identical input: for a deterministic UNet the term "
+                             "is ~0, so it would be a silently ignored option; medgen refuses it "
+                             "(Chen et al. self-conditioning on the previous x0 estimate is not implemented)")
+        return self
+    # --- end scoreaug/sda ---
 
 
 class SampleConfig(Strict):
@@ -249,6 +308,12 @@ class CompatConfig(Strict):
     # rflow resolution shift from the pixel size, as the reference computed it: r = 1/2 in s2d/wavelet
     # spaces (SYSTEM.md §2, §12.9: unintended, skews training and sampling to low noise); multiplies diffusion.shift
     pixel_base_shift: bool = False
+    # --- scoreaug/sda (issue 5) ---
+    scoreaug_identity_flag: bool = False  # ScoreAug identity/generation omega = dim 0 set (the pre-fix leak)
+    sda_untransformed_condition: bool = False  # SDA: the mask is not transformed with the image
+    sda_shift_clamp_bug: bool = False  # SDA: t·T + δ clamped to [0, 1], i.e. every augmented sample at t ≈ 1/T
+    bf16_loss: bool = False  # MSE computed in bfloat16 (exp2_bf16mse: use_fp32_loss=false)
+    # --- end scoreaug/sda ---
 
 
 class SpaceStats(Strict):
@@ -298,6 +363,42 @@ class ConditioningConfig(Strict):
     max_count: int = Field(10, ge=1)  # tumour count per bin is clamped to this
 
 
+# --- controlnet (issue 5) and DiffRS (issue 4) ---
+class ControlNetConfig(Strict):
+    """ControlNet two-stage training (models/controlnet.py; SYSTEM.md §3). stage 0 = off."""
+
+    stage: Literal[0, 1, 2] = 0  # 1: UNet alone, unconditional (in = out); 2: + ControlNet on the mask
+    stage1_run: Optional[str] = None  # stage 2: the stage-1 run (run folder, step folder or .safetensors)
+    stage1_which: str = "best"  # stage-1 checkpoint: best | latest | step-N
+    stage1_weights: Literal["ema", "raw"] = "ema"  # EMA weights when the stage-1 step has them
+    freeze_unet: bool = True  # false: train UNet and ControlNet jointly
+    conditioning_scale: float = Field(1.0, ge=0)  # multiplies every ControlNet residual
+    embedding_channels: list[int] = [16]  # mask embedding at pixel resolution before the zero conv
+    copy_encoder: bool = True  # initialise the ControlNet encoder from the stage-1 UNet encoder
+    # Written when stage 2 starts (the pointer to the frozen weights): step folder and sha256 of its
+    # model index file (which lists each shard's sha256); which weights ("ema" | "raw") were taken.
+    stage1_checkpoint: Optional[str] = None
+    stage1_sha256: Optional[str] = None
+    stage1_loaded: Optional[str] = None
+
+
+class DiffRSConfig(Strict):
+    """DiffRS discriminator head (models/diffrs.py, engine/diffrs.py; SYSTEM.md §9). Off unless enabled."""
+
+    enabled: bool = False  # `medgen train` trains the head instead of the diffusion model
+    run: Optional[str] = None  # the frozen diffusion model (run folder, step folder or .safetensors)
+    which: str = "best"
+    weights: Literal["ema", "raw"] = "ema"
+    fake: Optional[str] = None  # generated samples: a `medgen sample` output folder (OUT/<i>/bravo.nii.gz …)
+    fake_val: Optional[str] = None  # generated samples for validation (with data.val_split as real)
+    width: int = Field(128, ge=8)  # head channels
+    norm_num_groups: int = Field(32, ge=1)
+    # Written when head training starts: the diffusion checkpoint used and the sha256 of its model index.
+    checkpoint: Optional[str] = None
+    sha256: Optional[str] = None
+# --- end controlnet / DiffRS ---
+
+
 class Preset(Strict):
     name: str = ""  # filled by the loader
     description: str = ""
@@ -312,6 +413,8 @@ class Preset(Strict):
     compat: CompatConfig = CompatConfig()
     space: SpaceConfig = SpaceConfig()
     conditioning: ConditioningConfig = ConditioningConfig()
+    controlnet: ControlNetConfig = ControlNetConfig()  # issue 5
+    diffrs: DiffRSConfig = DiffRSConfig()  # issue 4
 
     @model_validator(mode="after")
     def _sizes_fit_model(self):
@@ -364,6 +467,43 @@ class Preset(Strict):
             raise ValueError(f"conditioning.late_start_level={c.late_start_level} but the UNet has "
                              f"{len(self.model.channels)} levels")
         return self
+
+
+    # --- controlnet (issue 5) and DiffRS (issue 4) ---
+    @model_validator(mode="after")
+    def _controlnet_diffrs_fit(self):
+        cn, dr = self.controlnet, self.diffrs
+        plain = self.model.kind == "unet" and not self.vector_channels() and self.space.kind == "pixel"
+        if cn.stage:
+            if not plain or self.data.mode not in ("bravo", "dual"):
+                raise ValueError("controlnet needs a UNet in pixel space and a mask-conditioned mode "
+                                 f"(bravo or dual), not model.kind={self.model.kind!r} data.mode={self.data.mode!r}")
+            if cn.stage == 1 and cn.stage1_run:
+                raise ValueError("controlnet.stage1_run names the stage-1 run of a stage-2 preset (stage = 2)")
+        if dr.enabled:
+            if not plain or cn.stage or self.diffusion.kind != "rflow":
+                raise ValueError("diffrs needs a plain UNet rflow model in pixel space (no vector condition, "
+                                 "no ControlNet)")
+            if self.data.mode == "seg":
+                raise ValueError("diffrs trains on real images with their masks: use a mask-conditioned mode")
+        return self
+    # --- end controlnet / DiffRS ---
+
+    # --- scoreaug/sda (issue 5) ---
+    @model_validator(mode="after")
+    def _augmentations_fit(self):
+        t, c = self.train, self.compat
+        if t.scoreaug is not None and t.sda is not None:
+            raise ValueError("train.scoreaug and train.sda are mutually exclusive (both augment the diffusion "
+                             "batch); choose one")
+        if (t.scoreaug or t.sda or t.regional_weighting) and self.space.kind != "pixel":
+            raise ValueError(f"ScoreAug, SDA and regional weighting act on pixels; space.kind={self.space.kind!r}")
+        if (c.sda_untransformed_condition or c.sda_shift_clamp_bug) and t.sda is None:
+            raise ValueError("compat.sda_* options need train.sda")
+        if c.scoreaug_identity_flag and (t.scoreaug is None or not t.scoreaug.omega):
+            raise ValueError("compat.scoreaug_identity_flag needs train.scoreaug with omega = true")
+        return self
+    # --- end scoreaug/sda ---
 
     # Channel layout of each mode: (image channels, condition channels). Vector conditions (size bins,
     # modality one-hot) travel as constant condition maps after the mask channel; see vector_channels.

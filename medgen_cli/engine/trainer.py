@@ -107,6 +107,11 @@ class Trainer:
         self.features = tricks.FeaturePerturbation(self.model, cfg.feature_perturbation) \
             if cfg.feature_perturbation else None
         self.min_snr_unsquared = min_snr_unsquared
+        # --- scoreaug/sda (issue 5): ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
+        self.extras = tricks.LossExtras.from_config(cfg, config_json, self.model)
+        if getattr(cfg, "compile", False):
+            self.net = torch.compile(self.net)
+        # --- end scoreaug/sda ---
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
@@ -202,6 +207,10 @@ class Trainer:
         if self.features:
             self.features.generator.manual_seed(keyed_seed(cfg.seed, STREAM_FEATURES, s, self.world.rank))
         with autocast(self.device, cfg.precision):
+            # --- scoreaug/sda (issue 5) ---
+            if self.extras is not None:
+                return self.extras.loss(self.net, self.strategy, image, cond, t, noise, weight, s)
+            # --- end scoreaug/sda ---
             loss, *_ = loss_at(self.net, self.strategy, image, cond, t, noise, weight)
         return loss
 

@@ -137,3 +137,121 @@ def sam_perturb(model: nn.Module, rho: float, adaptive: bool) -> list[tuple[torc
 def sam_restore(moves) -> None:
     for p, e in moves:
         p.sub_(e)
+
+
+# --- scoreaug/sda, regional weighting, bf16 loss (issue 5) -----------------------------------------
+RANO_WEIGHT_KEYS = ("tiny", "small", "medium", "large")
+
+
+def regional_weight_map(mask: torch.Tensor, weights: dict, fov_mm: float = 240.0) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, *spatial) from tumour sizes in ``mask`` (B, 1, *spatial) (> 0.5).
+
+    Each face-connected component gets the weight of its RANO-BM class (tiny < 10, small 10–20,
+    medium 20–30, large ≥ 30 mm, exact Feret diameter, data/sizebins.py); background gets
+    ``weights["background"]``. Pixel size is the reference's: a ``fov_mm`` field of view in-plane
+    (240 / size mm) and 1 mm between slices."""
+    import numpy as np
+
+    from ..data.sizebins import label_components, rano_class, tumour_diameters
+
+    m = (mask[:, 0] > 0.5).cpu().numpy()
+    spatial = m.shape[1:]
+    spacing = tuple([1.0] * (len(spatial) - 2) + [fov_mm / spatial[-2], fov_mm / spatial[-1]])
+    out = np.full(m.shape, float(weights["background"]), dtype=np.float32)
+    for b in range(m.shape[0]):
+        if not m[b].any():
+            continue
+        labels, n = label_components(m[b])
+        lut = np.array([weights["background"]] + [weights[rano_class(d)] for d in tumour_diameters(m[b], spacing)],
+                       dtype=np.float32)
+        out[b] = lut[labels]
+    return torch.from_numpy(out)[:, None].to(mask.device)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                 pixel_weight: torch.Tensor | None = None, bf16: bool = False) -> torch.Tensor:
+    """Mean of pixel_weight · (pred − target)² per sample, times ``weight`` (B,), averaged; fp32, or
+    computed in bfloat16 when ``bf16`` (``compat.bf16_loss``: the reference's pre-Jan-7 BF16 MSE)."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    err = (pred.to(dt) - target.to(dt)).square()
+    if pixel_weight is not None:
+        err = err * pixel_weight.to(dt)
+    err = err.flatten(1).mean(dim=1)  # (B,)
+    if weight is not None:
+        err = err * weight.to(err)
+    return err.mean().float()
+
+
+class LossExtras:
+    """The diffusion loss with ScoreAug, SDA, regional weighting and/or the bf16 MSE (trainer `_loss`)."""
+
+    def __init__(self, cfg, compat: dict, mode: str, dims: int | None, n_vector: int, omega: bool):
+        from .scoreaug import ScoreAug
+
+        self.cfg, self.compat, self.mode, self.n_vector, self.omega = cfg, compat, mode, int(n_vector), omega
+        self.dims = dims
+        self.scoreaug = None
+        if cfg.scoreaug is not None:
+            self.scoreaug = ScoreAug(cfg.scoreaug, dims or 2, cfg.seed, bool(compat.get("scoreaug_identity_flag")))
+        self.regional = cfg.regional_weighting.model_dump() if cfg.regional_weighting is not None else None
+
+    @classmethod
+    def from_config(cls, cfg, config_json: str, model) -> "LossExtras | None":
+        """None unless an option needs it. compat, mode and dims come from the resolved preset JSON."""
+        import json
+
+        try:
+            preset = json.loads(config_json or "{}")
+        except ValueError:
+            preset = {}
+        compat = preset.get("compat", {}) or {}
+        data = preset.get("data", {}) or {}
+        if not (cfg.scoreaug or cfg.sda or cfg.regional_weighting or compat.get("bf16_loss")):
+            return None
+        return cls(cfg, compat, data.get("mode", "bravo"), data.get("dims"), getattr(model, "n_vector", 0),
+                   hasattr(model, "omega_embed"))
+
+    def _pixel_weight(self, image, cond):
+        if self.regional is None:
+            return None
+        source = image[:, :1] if self.mode.startswith("seg") else cond[:, :1]
+        return regional_weight_map(source, self.regional, self.regional["fov_mm"])
+
+    def loss(self, net, strategy, image, cond, t, noise, weight, step: int) -> torch.Tensor:
+        bf16 = bool(self.compat.get("bf16_loss"))
+        pw = self._pixel_weight(image, cond)
+        x_t = strategy.noisy(image, noise, t)
+        target = strategy.target(image, noise, t)  # the target first, then ω (ScoreAug)
+        inp = torch.cat([x_t, cond], dim=1)
+        kwargs = {}
+        if self.scoreaug is not None:
+            sa = self.scoreaug
+            if sa.dims != image.ndim - 2:  # no dims in the preset JSON (direct Trainer use): from the batch
+                from .scoreaug import ScoreAug
+
+                sa = self.scoreaug = ScoreAug(sa.cfg, image.ndim - 2, sa.seed, sa.identity_flag)
+            op = sa.draw(step)
+            inp, target = sa.augment(op, inp, target, image.shape[1], self.n_vector)
+            if pw is not None:
+                pw = op.apply(pw - 1.0, intensity=False) + 1.0  # moved with the image; cut regions weigh 1
+            if self.omega:
+                kwargs["omega"] = sa.omega(op, image.shape[0], image.device)
+        pred = net(inp, strategy.model_time(t), **kwargs)
+        loss = weighted_mse(pred, target, weight, pw, bf16)
+        sda_cfg = self.cfg.sda
+        if sda_cfg is not None:
+            from . import sda
+
+            op = sda.draw(self.cfg.seed, step, sda_cfg.prob, image.ndim - 2)
+            if op is not None:
+                p2, t2 = sda.branch(net, strategy, image, cond, t, noise, op, sda_cfg.noise_shift,
+                                    bool(self.compat.get("sda_shift_clamp_bug")),
+                                    bool(self.compat.get("sda_untransformed_condition")))
+                pw2 = None
+                if pw is not None:  # the weights move with the transformed image (SDA excludes ScoreAug)
+                    from .scoreaug import apply_spatial
+
+                    pw2 = apply_spatial(pw, *op)
+                loss = loss + sda_cfg.weight * weighted_mse(p2, t2, weight, pw2, bf16)
+        return loss
+# --- end scoreaug/sda ---

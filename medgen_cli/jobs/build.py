@@ -13,6 +13,8 @@ def model_args(preset: Preset) -> tuple[str, dict]:
     m = preset.model
     img, cond = preset.channels()
     cond -= preset.vector_channels()  # vector conditions do not enter conv_in (models/conditioning.py)
+    if preset.controlnet.stage:  # controlnet (issue 5): the UNet is unconditional, the mask goes to the ControlNet
+        cond = 0
     img, cond = (c * preset.space.factor ** preset.data.dims for c in (img, cond))  # s2d/wavelet: 2^dims x
     if m.kind == "dit":
         return m.kind, dit_args(preset, img, cond)
@@ -30,11 +32,13 @@ def build_model(preset: Preset):
 
     kind, kwargs = model_args(preset)
     with seeded(preset.train.seed, 0):
-        return wrap_for_mode(preset, build(kind, **kwargs))
+        return wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs)))
 
 
 def wrap_for_mode(preset: Preset, model):
     """The mode's conditioning around the network (multi: mode embedding; seg_conditioned: size-bin FiLM)."""
+    if preset.controlnet.stage:  # controlnet (issue 5)
+        return wrap_controlnet(preset, model)
     if preset.data.mode not in ("multi", "seg_conditioned"):
         return model
     from ..models.conditioning import wrap
@@ -42,6 +46,18 @@ def wrap_for_mode(preset: Preset, model):
     c = preset.conditioning
     return wrap(model, preset.data.mode, list(preset.model.channels), c.mode_embedding, c.mode_dropout,
                 c.late_start_level, c.size_bins, c.max_count)
+
+
+# --- scoreaug/sda (issue 5) ---
+def wrap_for_omega(preset: Preset, model):
+    """ScoreAug with omega: the 36-d omega embedding added to the time embedding (models/conditioning.py)."""
+    sa = preset.train.scoreaug
+    if sa is None or not sa.omega:
+        return model
+    from ..models.conditioning import OmegaConditioned
+
+    return OmegaConditioned(model, identity_flag=preset.compat.scoreaug_identity_flag)
+# --- end scoreaug/sda ---
 
 
 def count_parameters(preset: Preset) -> int:
@@ -52,7 +68,7 @@ def count_parameters(preset: Preset) -> int:
 
     kind, kwargs = model_args(preset)
     with torch.device("meta"):
-        model = wrap_for_mode(preset, build(kind, **kwargs))
+        model = wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs)))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -133,3 +149,42 @@ def build_space(preset: Preset, train_ds=None):
         sp.stats = {"mean": mean, "std": std, "items": n}
     stats = sp.stats if sp.normalize else None
     return Space(sp.kind, dims, sp.rescale, stats.mean if stats else None, stats.std if stats else None)
+
+
+# --- controlnet (issue 5) ---------------------------------------------------------------------------
+def wrap_controlnet(preset: Preset, unet):
+    """Stage 1: the UNet on the image channels alone; stage 2: + a fresh ControlNet (zero residuals)."""
+    from ..models.controlnet import ControlledUNet, build_controlnet
+
+    cn = preset.controlnet
+    net = build_controlnet(unet, preset.channels()[1], cn.embedding_channels) if cn.stage == 2 else None
+    return ControlledUNet(unet, net, cn.conditioning_scale, cn.freeze_unet)
+
+
+def load_stage1(preset: Preset, model) -> None:
+    """Stage 2 starts from the stage-1 UNet: load it into ``model.unet``, copy its encoder into the
+    ControlNet (``controlnet.copy_encoder``) and write the pointer (step folder, sha256 of its model
+    index, weights taken) into ``preset.controlnet`` so config.json and every checkpoint carry it."""
+    import hashlib
+
+    from .. import checkpoint as ckpt
+    from ..models.controlnet import copy_encoder, unet_state
+
+    cn = preset.controlnet
+    if not cn.stage1_run:
+        raise ConfigError("stage 2 needs the stage-1 run", "controlnet.stage1_run",
+                          "train the stage-1 preset first, then --set controlnet.stage1_run=RUN_DIR")
+    ck = ckpt.load_checkpoint(Path(cn.stage1_run).expanduser(), cn.stage1_which, cn.stage1_weights)
+    try:
+        model.unet.load_state_dict(unet_state(ck.model_state))
+    except RuntimeError as e:
+        raise ConfigError(f"the stage-1 weights do not fit this UNet: {str(e).splitlines()[0]}",
+                          "controlnet.stage1_run", "stage 1 and stage 2 need the same [model] and data.mode") from e
+    if cn.copy_encoder:
+        copy_encoder(model.unet, model.controlnet)
+    step = Path(ck.step_dir)
+    index = step / "model.safetensors.index.json" if step.is_dir() else step
+    cn.stage1_checkpoint = str(step.resolve())
+    cn.stage1_sha256 = hashlib.sha256(index.read_bytes()).hexdigest()
+    cn.stage1_loaded = ck.weights
+# --- end controlnet ---------------------------------------------------------------------------------

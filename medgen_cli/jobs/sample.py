@@ -75,6 +75,12 @@ def model_grid(path: Path, override, image_size: int) -> tuple[tuple[float, floa
 
 def conditions(preset, root: Path | None, split: str, n: int, bins=None, modality=None) -> list[Condition]:
     d = preset.data
+    # --- controlnet (issue 5): a stage-1 model is unconditional (no mask needed, none written) ---
+    if preset.controlnet.stage == 1:
+        plain = preset.model_copy(update={"data": d.model_copy(update={"mode": "seg"}),
+                                          "controlnet": preset.controlnet.model_copy(update={"stage": 0})})
+        return conditions(plain, root, split, n)
+    # --- end controlnet ---
     if d.mode in BIN_MODES or d.mode == "multi":
         return _mode_conditions(preset, root, split, n, bins, modality)
     if d.mode == "seg":
@@ -282,6 +288,9 @@ def check_plan(preset, sc) -> None:
         if preset.data.mode == "seg":
             raise UsageError("seg models are unconditional: classifier-free guidance has nothing to guide",
                              "--cfg", "drop --cfg/--cfg-end for seg models")
+        if preset.controlnet.stage == 1:  # controlnet (issue 5)
+            raise UsageError("ControlNet stage-1 models are unconditional: classifier-free guidance has nothing "
+                             "to guide", "--cfg", "drop --cfg/--cfg-end, or sample the stage-2 run")
         if not _trained_with_dropout(preset):
             log.warning("warning: this model was trained without condition dropout, so its unconditional "
                         "branch (seg channel zeroed) never saw training data; guidance extrapolates from it")
@@ -328,15 +337,24 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
     ref = checkpoint_ref(run_ref)
     ck, preset = _load(ref, opts.get("weights"), opts.get("which"))
     opts = dict(opts)
-    bins = parse_bins(opts.pop("bins", None), preset.conditioning.max_count)  # modes & conditioning (issue 5)
+    # --- DiffRS (issue 4): pop --diffrs* options (engine/diffrs.py) ---
+    from ..engine import diffrs as rs
+
+    rs_opts = rs.pop_options(opts, paired)
+    # --- end DiffRS ---
+    bins_text = opts.pop("bins", None)
     modality = opts.pop("modality", None)
+    if paired is not None:  # --bins then conditions the mask model
+        sc = sample_options(preset, opts)
+        yield from run_paired(ck, preset, sc, out, data, device, dry_run, opts, bins=bins_text, **paired)
+        return
+    bins = parse_bins(bins_text, preset.conditioning.max_count)  # modes & conditioning (issue 5)
     if bins is not None and preset.data.mode not in BIN_MODES:
         raise UsageError(f"--bins conditions size-bin models, this one is '{preset.data.mode}'", "--bins",
                          "drop --bins")
     sc = sample_options(preset, opts)
-    if paired is not None:
-        yield from run_paired(ck, preset, sc, out, data, device, dry_run, opts, **paired)
-        return
+    if rs_opts is not None:  # DiffRS (issue 4)
+        rs.check_plan(preset, sc)
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
     conds = conditions(preset, root, sc.split, sc.n, bins, modality)
@@ -346,16 +364,22 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
         return
     dev = pick_device(device or preset.train.device)
     model, strategy = _build(preset, ck, dev)
+    sampler = None if rs_opts is None else rs.DiffRSSampler(rs_opts[0], model, strategy, preset, sc, rs_opts[1], dev,
+                                                            ck.step_dir)  # DiffRS (issue 4)
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     for start in range(0, sc.n, sc.batch_size):
         idx = list(range(start, min(start + sc.batch_size, sc.n)))
-        res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
+        if sampler is None:
+            res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
+        else:  # DiffRS (issue 4)
+            res = sampler.generate([conds[i] for i in idx], idx, build.space_shape(preset), conds)
         for j, i in enumerate(idx):
             for ch, modality in enumerate(output_modalities(preset, conds[i])):  # dual: one record per file
                 rec = _write(out, i, res.x[j, ch].cpu().numpy(), conds[i], preset, sc, ck, root, res.nfe[j],
                              res.cfg_batched, modality=modality,
-                             extra={k: v for k, v in (conds[i].meta or {}).items() if k != "modality"})
+                             extra={**{k: v for k, v in (conds[i].meta or {}).items() if k != "modality"},
+                                    **(sampler.record(res, j) if sampler else {})})
                 with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(records.dumps(rec) + "\n")
                 yield rec, rec["path"]
@@ -427,9 +451,9 @@ def _plain_record(kind: str, **fields) -> dict:
 
 def _mask_model(mask_run: str, preset, sc, opts, mask_steps):
     mck, mpreset = _load(checkpoint_ref(mask_run), opts.get("weights"), opts.get("which"))
-    if mpreset.data.mode != "seg":
-        raise UsageError(f"--mask-run must be a seg model, this one is '{mpreset.data.mode}'", "--mask-run",
-                         "pass a run trained with data.mode = \"seg\"")
+    if mpreset.data.mode != "seg" and mpreset.data.mode not in BIN_MODES:
+        raise UsageError(f"--mask-run must be a mask model, this one is '{mpreset.data.mode}'", "--mask-run",
+                         "pass a run trained with data.mode = \"seg\" or a size-bin conditioned seg mode")
     a, b = mpreset.data, preset.data
     if (a.dims, a.image_size) != (b.dims, b.image_size) or (a.dims == 3 and a.pad_depth_to != b.pad_depth_to):
         raise UsageError(f"mask model makes {a.dims}D {a.image_size}px (depth {a.pad_depth_to}), image model "
@@ -452,24 +476,61 @@ def _mask_condition(mask: np.ndarray, preset) -> Condition:
     return Condition(cond[None], None, sp, d.depth if d.dims == 3 else None)
 
 
-def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, retries, dev):
-    """Masks for outputs 0..n−1 with bounded redraws; returns (accepted {i: mask}, stats {i: dict})."""
+STREAM_BINS = 0x42494E53  # keyed random size-bin request of output i: (seed, STREAM_BINS, i)
+BIN_WEIGHTS = (0.05, 0.10, 0.20, 0.25, 0.20, 0.15, 0.05)  # the reference's random-bin weights
+
+
+def requested_bins(seed: int, i: int) -> list[int]:
+    """The reference's random request: 1-5 tumours, each in a bin drawn with BIN_WEIGHTS."""
+    import torch
+
+    from ..runtime import keyed_generator
+
+    g = keyed_generator(seed, STREAM_BINS, i)
+    k = int(torch.randint(1, 6, (1,), generator=g))
+    picks = torch.multinomial(torch.tensor(BIN_WEIGHTS), k, replacement=True, generator=g)  # (k,)
+    return np.bincount(picks.numpy(), minlength=7).tolist()
+
+
+def _bin_condition(mpreset, bins: list[int]) -> Condition:
+    return conditions(mpreset, None, "val", 1, bins)[0]
+
+
+def _produced_bins(mask: np.ndarray, mpreset) -> list[int]:
+    """Size bins of a generated mask on the model grid (240 mm field of view, 1 mm slices)."""
+    from ..data.sizebins import size_bins
+
+    d = mpreset.data
+    sp = (FOV_MM / d.image_size,) * 2
+    spacing = sp if mask.ndim == 2 else (1.0, *sp)  # array order (D, H, W)
+    return size_bins(mask, spacing, max_count=mpreset.conditioning.max_count).tolist()
+
+
+def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, retries, dev, bins=None):
+    """Masks for outputs 0..n−1 with bounded redraws; returns (accepted {i: mask}, stats {i: dict}).
+
+    Size-bin mask models get a request per output (`bins`, else the reference's random draw) and a
+    mask whose recomputed bins differ from it is rejected like any other."""
     import torch
 
     from ..runtime import keyed_generator
 
     d = mpreset.data
     shape = build.space_shape(mpreset)  # (1, *spatial) in the mask model's space
-    empty = conditions(mpreset, None, "val", 1)[0]
+    binned = d.mode in BIN_MODES
+    want = {i: (list(bins) if bins else requested_bins(msc.seed, i)) for i in range(n)} if binned else {}
+    empty = None if binned else conditions(mpreset, None, "val", 1)[0]
     accepted: dict[int, np.ndarray] = {}
-    stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0} for i in range(n)}
+    stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0, **({"requested_bins": want[i]} if binned else {})}
+             for i in range(n)}
     for r in range(retries + 1):
         pending = [i for i in range(n) if i not in accepted]
         for start in range(0, len(pending), msc.batch_size):
             idx = pending[start:start + msc.batch_size]
             noise = torch.stack([torch.randn(shape, generator=keyed_generator(msc.seed, STREAM_MASK, i, r))
                                  for i in idx]).to(dev)  # (B, 1, ...)
-            res = generate_items(mmodel, mstrategy, mpreset, msc, [empty] * len(idx), idx, dev, noise=noise)
+            conds = [_bin_condition(mpreset, want[i]) for i in idx] if binned else [empty] * len(idx)
+            res = generate_items(mmodel, mstrategy, mpreset, msc, conds, idx, dev, noise=noise)
             for j, i in enumerate(idx):
                 m = finish(res.x[j, 0].cpu().numpy(), True)
                 m = m[: d.depth] if m.ndim == 3 else m
@@ -477,6 +538,9 @@ def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, ret
 
                 cleaned, why = check_mask(m, atlas, max_fraction)
                 st = stats[i]
+                if binned and why is None:
+                    st["produced_bins"] = _produced_bins(cleaned, mpreset)
+                    why = None if st["produced_bins"] == want[i] else "bins"
                 st["attempts"] += 1
                 st["mask_nfe"] += res.nfe[j]
                 if why is None:
@@ -489,7 +553,7 @@ def _generate_masks(mmodel, mstrategy, mpreset, msc, n, atlas, max_fraction, ret
 
 
 def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, mask_steps=None, atlas=None,
-               out_split="train"):
+               out_split="train", bins=None):
     """`medgen sample --paired`: masks (generated and validated, or a real split) then images on them,
     written as OUT/<out_split>/<id>/{seg,bravo}.nii.gz plus OUT/paired.jsonl."""
     from ..runtime import pick_device
@@ -501,8 +565,14 @@ def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, 
         raise UsageError("--mask-steps needs --mask-run", "--mask-steps", "add --mask-run SEG_RUN")
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
+    if bins is not None and mask_run is None:
+        raise UsageError("--bins with --paired conditions the mask model", "--bins", "add --mask-run SEG_RUN")
     if mask_run is not None:
         mck, mpreset, msc = _mask_model(mask_run, preset, sc, opts, mask_steps)
+        bins = parse_bins(bins, mpreset.conditioning.max_count)
+        if bins is not None and mpreset.data.mode not in BIN_MODES:
+            raise UsageError(f"--bins needs a size-bin mask model, this one is '{mpreset.data.mode}'", "--bins",
+                             "drop --bins, or pass a seg_conditioned run as --mask-run")
         d = preset.data
         shape = (d.image_size,) * 2 if d.dims == 2 else (d.depth, d.image_size, d.image_size)
         from ..data.atlas import read_atlas
@@ -527,7 +597,7 @@ def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, 
     if mask_run is not None:
         mmodel, mstrategy = _build(mpreset, mck, dev)
         masks, stats = _generate_masks(mmodel, mstrategy, mpreset, msc, sc.n, atlas_arr, sc.max_tumour_fraction,
-                                       sc.max_retries, dev)
+                                       sc.max_retries, dev, bins)
         del mmodel
         conds = {i: _mask_condition(m, preset) for i, m in masks.items()}
     else:
@@ -574,6 +644,7 @@ def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, 
 def _log_pair(out: Path, i: int, status: str, st: dict, image, seg) -> None:
     rec = _plain_record("paired", index=i, status=status, mask_attempts=st["attempts"],
                         retries=max(st["attempts"] - 1, 0), rejections=st["rejections"], mask_nfe=st["mask_nfe"],
-                        image=image, seg=seg)
+                        image=image, seg=seg, requested_bins=st.get("requested_bins"),
+                        produced_bins=st.get("produced_bins"))
     with open(out / "paired.jsonl", "a", encoding="utf-8") as fh:
         fh.write(records.dumps(rec) + "\n")

@@ -104,16 +104,23 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     p = loaded.preset
     root = build.data_root(p)
     check_data(p, root)
+    if p.diffrs.enabled:  # DiffRS (issue 4): train the discriminator head on the frozen model
+        from ..engine.diffrs import train_head
+
+        return train_head(loaded, run_dir, resume, root, provenance(loaded))
     world, device = init_world(p.train.device)
     train_ds = build.build_dataset(p, p.data.train_split, root, train=True)
     val_ds = build.build_dataset(p, p.data.val_split, root)
     space = build.build_space(p, train_ds)  # spaces.py; may estimate space.stats into p before config.json
+    model = build.build_model(p)
+    if p.controlnet.stage == 2 and not resume:  # controlnet (issue 5): start from the stage-1 UNet
+        build.load_stage1(p, model)  # writes the pointer (path + sha256) into p before config.json
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             write_json_atomic(run_dir / "config.json", {"preset": dump(p), "provenance": provenance(loaded)})
     barrier(world)
-    trainer = Trainer(build.build_model(p), build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
+    trainer = Trainer(model, build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
                       build.config_json(p), device, num_workers=p.data.num_workers, world=world,
                       min_snr_unsquared=p.compat.min_snr_rflow_unsquared, space=space)
     if resume:

@@ -196,6 +196,28 @@ def _biomedclip(path: Path):
             tuple(pre.get("std", CLIP_STD)), "")
 
 
+def _warm_up(dev):
+    """A thread that creates the CUDA context and loads cuDNN (seconds on a cold process), or None."""
+    if dev.type != "cuda":
+        return None
+    import threading
+
+    def work():
+        import torch
+
+        try:
+            x = torch.zeros(1, 3, 8, 8, device=dev, dtype=torch.bfloat16)
+            torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last),
+                                       torch.zeros(4, 3, 3, 3, device=dev, dtype=torch.bfloat16))
+            torch.cuda.synchronize(dev)
+        except Exception:  # the real call reports any problem
+            pass
+
+    t = threading.Thread(target=work, name="medgen-cuda-warm-up", daemon=True)
+    t.start()
+    return t
+
+
 def _fit_input_size(net, size) -> None:
     """timm towers are built at the model's default size; follow the config's image size."""
     trunk = getattr(net, "trunk", None)
@@ -242,9 +264,12 @@ def load(name: str, weights=None, device=None, precision=None, channels_last: bo
     check_name(name)
     path = find_weights(name, weights)
     _, _, build = _SPECS[name]
-    net, dim, size, mean, std, note = build(path)
     dev = _device(device)
     prec = _precision(precision, dev)
+    warm = _warm_up(dev)  # the CUDA context and cuDNN load while the network is built and read
+    net, dim, size, mean, std, note = build(path)
+    if warm is not None:
+        warm.join()
     cl = (dev.type == "cuda" and name != "biomedclip") if channels_last is None else channels_last
     net = net.eval().to(dev)
     if cl:

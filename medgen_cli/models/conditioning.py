@@ -173,3 +173,67 @@ def wrap(unet: nn.Module, mode: str, channels: list[int], mode_embedding: str = 
     if mode_embedding == "late":
         return ConditionedUNet(unet, 4, late=LateInjection(4, emb_dim, list(channels), late_start_level))
     return ConditionedUNet(unet, 4)
+
+
+# --- ScoreAug omega embedding (issue 5) -------------------------------------------------------------
+OMEGA_DIM = 36
+
+
+def _time_embedding(model: nn.Module) -> nn.Module:
+    """The module whose output is the time embedding e (B, E): UNet ``time_embed``, DiT ``t_embed``."""
+    inner = getattr(model, "unet", model)  # ConditionedUNet → its UNet
+    for name in ("time_embed", "t_embed"):
+        if isinstance(getattr(inner, name, None), nn.Module):
+            return getattr(inner, name)
+    raise ValueError(f"{type(model).__name__} has no time embedding to receive the ScoreAug omega")
+
+
+class OmegaConditioned(nn.Module):
+    """Adds MLP(omega) to the wrapped network's time embedding; ``forward(x, t, omega=None)``.
+
+    ``omega`` (B, 36) or (36,) is the ScoreAug encoding (engine/scoreaug.py); None — validation and
+    generation — is the identity encoding: zeros, or dim 0 = 1 with ``identity_flag`` (the reference's
+    encoding, ``compat.scoreaug_identity_flag``). The MLP (AdditiveEmbedding, last layer zero-initialised)
+    is applied by a forward hook on the time-embedding module, so the inner network is unchanged (a
+    ConditionedUNet's mode/size-bin modulation then acts on e + MLP(omega))."""
+
+    def __init__(self, model: nn.Module, identity_flag: bool = False):
+        super().__init__()
+        self.model, self.identity_flag = model, bool(identity_flag)
+        target = _time_embedding(model)
+        emb_dim = [m for m in target.modules() if isinstance(m, nn.Linear)][-1].out_features
+        self.omega_embed = AdditiveEmbedding(OMEGA_DIM, emb_dim)
+        self._omega: torch.Tensor | None = None
+        target.register_forward_hook(self._hook)
+
+    def identity(self, batch: int, device, dtype=torch.float32) -> torch.Tensor:
+        v = torch.zeros(batch, OMEGA_DIM, device=device, dtype=dtype)
+        if self.identity_flag:
+            v[:, 0] = 1.0
+        return v
+
+    def _hook(self, module, args, out):
+        om = self._omega
+        om = self.identity(out.shape[0], out.device) if om is None else om.reshape(-1, OMEGA_DIM)
+        return self.omega_embed(out, om.to(out.device).expand(out.shape[0], -1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, omega: torch.Tensor | None = None) -> torch.Tensor:
+        self._omega = omega
+        try:
+            return self.model(x, t)
+        finally:
+            self._omega = None
+
+    # what the trainer and tricks read from the network
+    @property
+    def middle_block(self) -> nn.Module:
+        return self.model.middle_block
+
+    @property
+    def n_vector(self) -> int:
+        return int(getattr(self.model, "n_vector", 0))
+
+    @property
+    def vector_dropout(self) -> float:
+        return float(getattr(self.model, "vector_dropout", 0.0))
+# --- end ScoreAug omega embedding ---
