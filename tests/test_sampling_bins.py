@@ -35,3 +35,17 @@ def test_paired_with_a_size_bin_mask_model(cli, tiny_preset, phantom_root, tmp_p
     bad = cli("sample", "--run", tmp_path / "bravo", "--paired", "--bins", "1,0,0,0,0,0,0", "--split", "val",
               "--out", tmp_path / "x", "--n", 1)
     assert bad.code == 2 and "--mask-run" in bad.err
+
+
+def test_brain_mask_is_the_largest_component_filled_and_dilated():
+    import numpy as np
+
+    from medgen_cli.data.atlas import brain_mask
+
+    vol = np.zeros((9, 20, 20), np.float32)
+    vol[2:7, 4:16, 4:16] = 1.0
+    vol[4, 8:12, 8:12] = 0.0  # a hole (ventricle-like) inside the head
+    vol[0, 0, 0] = 1.0  # a speck: not the largest component
+    m = brain_mask(vol, 0.05, dilate=0)
+    assert m[4, 9, 9] and not m[0, 0, 0] and m.sum() == 5 * 12 * 12
+    assert brain_mask(vol, 0.05, dilate=3).sum() > m.sum() and brain_mask(vol, 0.05, dilate=3)[4, 1, 9]

@@ -1,7 +1,8 @@
 """Brain atlas of a training split and the validity checks of generated tumour masks (SYSTEM.md §8).
 
 Atlas: for every patient of the split, the brain (head) region is ``bravo > threshold`` after min–max
-normalisation and the in-plane resize to ``size``; the atlas is the voxel-wise union over patients
+normalisation and the in-plane resize to ``size``, reduced to its largest connected component, holes
+filled and dilated by 3 voxels (the reference's recipe); the atlas is the voxel-wise union over patients
 (depth padded with zeros to the deepest patient). Stored as a uint8 NIfTI (H, W, D) with the first
 patient's resized spacing. 2D models use its projection over depth (a pixel is inside if it is inside
 on any slice).
@@ -29,6 +30,18 @@ THRESHOLD = 0.05  # normalised bravo intensity above which a voxel counts as bra
 INSIDE = 0.5  # a tumour is kept when at least this fraction of it lies inside the atlas
 
 
+def brain_mask(vol: np.ndarray, threshold: float = THRESHOLD, dilate: int = 3) -> np.ndarray:
+    """Largest component of vol > threshold, holes filled, dilated by `dilate` voxels (bool)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(vol > threshold)
+    if n == 0:
+        return np.zeros(vol.shape, dtype=bool)
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    mask = ndimage.binary_fill_holes(labels == largest)
+    return ndimage.binary_dilation(mask, iterations=dilate) if dilate else mask
+
+
 def build_atlas(root, split: str = "train", size: int | None = None, threshold: float = THRESHOLD,
                 normalization: str = "minmax") -> tuple[np.ndarray, tuple[float, float, float], int]:
     """(atlas (D, H, W) uint8, spacing (x, y, z) mm, number of patients) of ``root/split``."""
@@ -42,7 +55,7 @@ def build_atlas(root, split: str = "train", size: int | None = None, threshold: 
         path = nifti.find_modality(p, "bravo")
         if path is None:
             raise InputError("missing bravo.nii.gz", p, "the atlas is built from the bravo images")
-        brains.append(load_modality(path, "bravo", size) > threshold)  # (D, H, W) bool
+        brains.append(brain_mask(load_modality(path, "bravo", size), threshold))  # (D, H, W) bool
     depth = max(b.shape[0] for b in brains)
     atlas = np.zeros((depth,) + brains[0].shape[1:], dtype=bool)
     for b in brains:
