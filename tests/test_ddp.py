@@ -21,7 +21,8 @@ def _free_port() -> int:
 
 def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path):
     preset = tiny_preset(2, extra="\n[train.ema]\nenabled = true\nstart_step = 1\nevery = 1\n")
-    args = ["train", "--preset", preset, "--data", phantom_root, "--max-steps", 4, "--set", "train.preview_every=0"]
+    args = ["train", "--preset", preset, "--data", phantom_root, "--max-steps", 4, "--set", "train.preview_every=0",
+            "--device", "cpu"]  # the gloo test; NCCL needs one GPU per rank
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "medgen_cli", *map(str, args), "--run-dir", tmp_path / "ddp"]
