@@ -129,3 +129,24 @@ def test_solver_sweep_is_resumable(cli, runs, tmp_path, caplog):
             "--json")
     assert r.code == 0, r.err
     assert sum(x["best"] for x in _recs(r.out)) == 1 and "euler-3: cached" in caplog.text
+
+
+def test_solver_sweep_with_fid_against_a_split(cli, runs, phantom_root, tmp_path, monkeypatch):
+    """fid in the sweep: the --feature-ref split's features (offline ResNet50 weights), one value per
+    configuration, lower is better in optimal-steps."""
+    import torch
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), ck / "resnet50-0676ba61.pth")
+    out = tmp_path / "sweep"
+    r = cli("eval", "solvers", "--run", runs["bravo"], "--out", out, "--n", 2, "--steps", 2, "--solver", "euler",
+            "--metric", "fid", "--feature-ref", "val", "--no-restart", "--json")
+    assert r.code == 0, r.err
+    recs = _recs(r.out)
+    assert [x["name"] for x in recs] == ["fid"] and recs[0]["extractor"] == "resnet50-imagenet"
+    assert recs[0]["value"] >= 0 and recs[0]["weights_sha256"] and (out / "nfe-fid.png").is_file()

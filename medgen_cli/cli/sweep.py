@@ -25,8 +25,10 @@ def solvers(
     out: OutOpt = None,
     n: NOpt = 4,
     metric: Annotated[Optional[list[str]], typer.Option(
-        "--metric", help="psnr | msssim (repeatable; default: the preset's eval.metrics).")] = None,
+        "--metric", help="psnr | msssim | fid | kid | cmmd (repeatable; default: the preset's eval.metrics).")] = None,
     ref: RefOpt = "ode",
+    feature_ref: Annotated[str, typer.Option(
+        "--feature-ref", help="fid/kid/cmmd: the split (or folder) compared with, as `eval fid --ref`.")] = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Steps {10,50}, tolerances {1e-3,1e-5}.")] = False,
     restart: Annotated[bool, typer.Option("--restart/--no-restart", help="Include the Restart grid.")] = True,
     solver: Annotated[Optional[list[str]], typer.Option("--solver", help="Only these solvers (repeatable).")] = None,
@@ -43,13 +45,14 @@ def solvers(
     from ..jobs import sweep as job
 
     for rec, human in job.solvers(run, out, n, split, data, metric, ref, quick, restart, solver, device,
-                                  batch_size, seed, steps=steps):
+                                  batch_size, seed, steps=steps, feature_ref=feature_ref):
         emit(rec, human, as_json)
 
 
 def optimal_steps(
     run: RunOpt,
-    metric: Annotated[str, typer.Option("--metric", help="psnr | msssim (maximised).")] = "psnr",
+    metric: Annotated[str, typer.Option(
+        "--metric", help="psnr | msssim (maximised) | fid | kid | cmmd (minimised).")] = "psnr",
     solver: Annotated[str, typer.Option("--solver", help="Fixed-step solver.")] = "euler",
     lo: Annotated[int, typer.Option("--lo", help="Fewest steps searched.")] = 10,
     hi: Annotated[int, typer.Option("--hi", help="Most steps searched.")] = 50,
@@ -57,6 +60,8 @@ def optimal_steps(
     out: OutOpt = None,
     n: NOpt = 4,
     ref: RefOpt = "ode",
+    feature_ref: Annotated[str, typer.Option(
+        "--feature-ref", help="fid/kid/cmmd: the split (or folder) compared with.")] = "all",
     split: SplitOpt = None,
     data: DataOpt = None,
     batch_size: BatchOpt = None,
@@ -68,5 +73,5 @@ def optimal_steps(
     from ..jobs import sweep as job
 
     for rec, human in job.optimal_steps(run, metric, solver, lo, hi, tol, out, n, split, data, ref, device,
-                                        batch_size, seed):
+                                        batch_size, seed, feature_ref=feature_ref):
         emit(rec, human, as_json)

@@ -10,7 +10,7 @@ conditions of a split) and scores them against a reference with the eval job's m
 
 Resumable: each finished configuration is appended (and fsynced) to ``OUT/results.jsonl`` keyed by its
 id; a rerun skips ids already there, so a crash loses at most the configuration in progress. The
-reference is cached in ``OUT/reference.pt``. The optimal-steps search shares the same cache.
+reference is cached in ``OUT/reference.safetensors``. The optimal-steps search shares the same cache.
 Outputs: ``results.jsonl``, ``table.md``, one ``nfe-<metric>.png`` per metric (Pillow), and metric
 records on stdout (protocol ``solver-sweep``).
 """
@@ -38,7 +38,7 @@ RESTART_STEPS = 25
 RESTART_GRID = ((1, 3, 0.1, 0.3), (1, 5, 0.1, 0.3), (2, 3, 0.1, 0.3), (2, 5, 0.1, 0.3), (2, 10, 0.1, 0.3),
                 (1, 5, 0.05, 0.2), (1, 5, 0.1, 0.5))
 REF_TOL = 1e-5
-HIGHER_IS_BETTER = {"psnr": True, "msssim": True, "msssim-3d": True}
+HIGHER_IS_BETTER = {"psnr": True, "msssim": True, "msssim-3d": True, "fid": False, "kid": False, "cmmd": False}
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,15 @@ def grid(quick: bool = False, restart: bool = True, solvers: list[str] | None = 
     return out
 
 
+PAIRED_METRICS = ("psnr", "msssim")  # against --ref (the ODE solution or the conditions' real images)
+FEATURE_METRICS = ("fid", "kid", "cmmd")  # against --feature-ref, the reference protocols of `medgen eval`
+
+
 class Sweep:
     """One model, one set of conditions and noises, a cache of finished configurations."""
 
     def __init__(self, run_ref: str, out: Path, n: int, split: str | None, data, metrics: list[str], ref: str,
-                 device, batch_size: int | None, seed: int | None, weights=None, which=None):
+                 device, batch_size: int | None, seed: int | None, weights=None, which=None, feature_ref="all"):
         from ..runtime import pick_device
         from . import sample as sj
 
@@ -102,9 +106,9 @@ class Sweep:
             raise UsageError("--ref real pairs generated images with real ones: bravo models only", "--ref",
                              "use --ref ode")
         for m in metrics:
-            if m not in ("psnr", "msssim"):
-                raise UsageError(f"unknown metric '{m}'", "--metric", "use psnr or msssim")
-        self.metrics, self.ref_kind, self.n = metrics, ref, n
+            if m not in PAIRED_METRICS + FEATURE_METRICS:
+                raise UsageError(f"unknown metric '{m}'", "--metric", "use psnr, msssim, fid, kid or cmmd")
+        self.metrics, self.ref_kind, self.n, self.feature_ref = metrics, ref, n, feature_ref
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         base = {"n": n, "split": split, "batch_size": batch_size, "seed": seed}
@@ -115,12 +119,15 @@ class Sweep:
         self.dev = pick_device(device or self.preset.train.device)
         self.model, self.strategy = sj._build(self.preset, self.ck, self.dev)
         self.results = self._load_results()
-        self.reference = self._reference()
+        paired = [m for m in metrics if m in PAIRED_METRICS]
+        self.reference = self._reference() if paired else None
+        self.extractors = self._feature_references([m for m in metrics if m in FEATURE_METRICS])
 
     # ---- cache ------------------------------------------------------------------------------------
     def _key(self) -> dict:
         return {"checkpoint": str(Path(self.ck.step_dir).resolve()), "weights": self.ck.weights, "n": self.n,
-                "seed": self.sc.seed, "split": self.sc.split, "ref": self.ref_kind, "grid": self.sc.grid}
+                "seed": self.sc.seed, "split": self.sc.split, "ref": self.ref_kind, "grid": self.sc.grid,
+                "feature_ref": self.feature_ref}
 
     def _load_results(self) -> dict[str, dict]:
         path, out = self.out / "results.jsonl", {}
@@ -175,10 +182,43 @@ class Sweep:
             x = x[:, :, : self.preset.data.depth]
         return x
 
-    def _reference(self):
+    def _feature_references(self, names: list[str]) -> dict:
+        """{metric: (extractor, reference features)}: the --feature-ref split's bravo volumes through the
+        metric's default network (offline weights), features cached as `medgen eval fid` caches them."""
+        if not names:
+            return {}
+        from ..metrics import features
+        from .evaluate import DEPTH, _ref_inputs, reference_features
+
+        files, _ = _ref_inputs(self.feature_ref, [], self.root, "bravo")
+        loaded, out = {}, {}
+        for name in names:
+            ext_name = features.DEFAULT_FOR[name]
+            if ext_name not in loaded:
+                ext = features.load(ext_name, None, self.dev)
+                loaded[ext_name] = (ext, reference_features(files, ext, "axial", DEPTH)[0])
+            out[name] = loaded[ext_name]
+        return out
+
+    def _feature_scores(self, x) -> dict[str, float]:
+        """FID/KID/CMMD (reference protocols) of the generated batch's axial slices."""
         import torch
 
-        path = self.out / "reference.pt"
+        from ..metrics import distribution
+
+        slices = x[:, 0] if x.ndim == 5 else x[:, 0:1]  # 3D: (n, D, H, W) -> slices; 2D: (n, 1, H, W)
+        slices = slices.reshape(-1, 1, *slices.shape[-2:])  # (N, 1, H, W)
+        values = {}
+        for name, (ext, rf) in self.extractors.items():
+            gf = torch.cat([ext(slices[j:j + 256]) for j in range(0, len(slices), 256)]).cpu().numpy()
+            values[name] = float(distribution.compute(name, gf, rf, "reference", self.sc.seed).value)
+        return values
+
+    def _reference(self):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        path = self.out / "reference.safetensors"
         if self.ref_kind == "real":
             from . import build
 
@@ -186,13 +226,13 @@ class Sweep:
             ref = torch.stack([ds[i]["image"] for i in range(self.n)]).float()
             return ref[:, :, : self.preset.data.depth] if ref.ndim == 5 else ref
         if path.is_file():
-            return torch.load(path, weights_only=True)
+            return load_file(str(path))["reference"]
         log.info("reference: dopri5 at tolerance %g on %d outputs", REF_TOL, self.n)
         ref, _ = self._generate({"solver": "dopri5", "atol": REF_TOL, "rtol": REF_TOL, "restart": None})
         tmp = path.with_suffix(".tmp")
-        torch.save(ref, tmp)
+        save_file({"reference": ref.contiguous()}, str(tmp))
         os.replace(tmp, path)
-        return ref
+        return torch.as_tensor(ref)
 
     def evaluate(self, cfg: Config) -> dict:
         """Scores of one configuration, from the cache when it was finished before."""
@@ -204,8 +244,10 @@ class Sweep:
         x, nfes = self._generate(cfg.options())
         values: dict[str, float] = {}
         for m in self.metrics:
-            for k, v in scores(m, x, self.reference).items():
-                values[k] = float(np.mean(v))
+            if m in PAIRED_METRICS:
+                for k, v in scores(m, x, self.reference).items():
+                    values[k] = float(np.mean(v))
+        values.update(self._feature_scores(x))
         rec = {"id": cfg.id, "family": cfg.family, "solver": cfg.solver, "steps": cfg.steps, "tol": cfg.tol,
                "restart": list(cfg.restart) if cfg.restart else None, "nfe": float(np.mean(nfes)),
                "nfe_per_sample": nfes, "metrics": values, "key": self._key()}
@@ -216,6 +258,14 @@ class Sweep:
     def metric_record(self, rec: dict, name: str) -> dict:
         ref = f"dopri5 tol {REF_TOL:g} on the same noise" if self.ref_kind == "ode" else \
             f"{self.root}/{self.sc.split} (real images of the conditions)"
+        if name in self.extractors:
+            ext = self.extractors[name][0]
+            return {**records.make("metric", name=name, value=rec["metrics"][name], ci=None, n_gen=self.n,
+                                   n_ref=None, ref=f"{self.root}/{self.feature_ref} (axial slices)",
+                                   protocol="solver-sweep; reference protocol", extractor=ext.name,
+                                   weights_sha256=ext.sha256, preprocessing=ext.preprocessing, seed=self.sc.seed),
+                    "config": rec["id"], "solver": rec["solver"], "steps": rec["steps"], "tol": rec["tol"],
+                    "restart": rec["restart"], "nfe": rec["nfe"], "checkpoint": str(self.ck.step_dir)}
         return {**records.make("metric", name=name, value=rec["metrics"][name], ci=None, n_gen=self.n, n_ref=self.n,
                                ref=ref, protocol="solver-sweep", extractor=None, weights_sha256=None,
                                preprocessing="clamp to [0,1] (seg: threshold 0.5); 3D padding trimmed",
@@ -297,7 +347,8 @@ def _default_out(ck, name: str) -> Path:
 
 
 def solvers(run, out=None, n=4, split=None, data=None, metrics=None, ref="ode", quick=False, restart=True,
-            only=None, device=None, batch_size=None, seed=None, weights=None, which=None, steps=None):
+            only=None, device=None, batch_size=None, seed=None, weights=None, which=None, steps=None,
+            feature_ref="all"):
     """`medgen eval solvers`: yields (metric record, human line) per configuration and metric."""
     from . import sample as sj
 
@@ -309,7 +360,7 @@ def solvers(run, out=None, n=4, split=None, data=None, metrics=None, ref="ode", 
         for s in only:
             get_solver(s)
     sw = Sweep(run, Path(out) if out else _default_out(ck, "solver-sweep"), n, split, data, metrics, ref, device,
-               batch_size, seed, weights, which)
+               batch_size, seed, weights, which, feature_ref)
     if steps and min(steps) < 1:
         raise UsageError(f"--steps must be >= 1, got {min(steps)}", "--steps", "e.g. --steps 10 --steps 25")
     configs = grid(quick, restart, only, steps)
@@ -355,7 +406,7 @@ def golden_section(f, lo: int, hi: int, tol: int = 1, maximise: bool = True) -> 
 
 
 def optimal_steps(run, metric="psnr", solver="euler", lo=10, hi=50, tol=1, out=None, n=4, split=None, data=None,
-                  ref="ode", device=None, batch_size=None, seed=None, weights=None, which=None):
+                  ref="ode", device=None, batch_size=None, seed=None, weights=None, which=None, feature_ref="all"):
     """`medgen eval optimal-steps`: golden-section over the step count; cached points are reused."""
     from ..solvers import ADAPTIVE, get_solver
     from . import sample as sj
@@ -367,7 +418,7 @@ def optimal_steps(run, metric="psnr", solver="euler", lo=10, hi=50, tol=1, out=N
         raise UsageError(f"--lo must be >= 1, got {lo}", "--lo", "e.g. --lo 10 --hi 50")
     ck, _ = sj._load(sj.checkpoint_ref(run), weights, which)
     sw = Sweep(run, Path(out) if out else _default_out(ck, "solver-sweep"), n, split, data, [metric], ref, device,
-               batch_size, seed, weights, which)
+               batch_size, seed, weights, which, feature_ref)
     best, seen = golden_section(lambda k: sw.evaluate(Config(solver, k)).get("metrics", {})[metric], lo, hi, tol,
                                 HIGHER_IS_BETTER.get(metric, True))
     for k in sorted(seen):
