@@ -68,11 +68,7 @@ def lpips_alex(gen, ref, weights=None, chunk: int = 32):
             return torch.cat([net(prep(a[i:i + chunk]), prep(b[i:i + chunk])).flatten()
                               for i in range(0, a.shape[0], chunk)])
 
-    if gen.ndim == 4:
-        return score(gen, ref)
-    b, c, d, h, w = gen.shape
-    sl = lambda x: x.transpose(1, 2).reshape(b * d, c, h, w)  # noqa: E731
-    return score(sl(gen), sl(ref)).reshape(b, d).mean(1)
+    return slicewise(score, gen, ref)
 
 
 # ---- the reference's "LPIPS": MONAI PerceptualLoss with the RadImageNet ResNet50 ---------------
@@ -138,8 +134,14 @@ def perceptual_radimagenet(gen, ref, weights=None, chunk: int = 32):
         return torch.cat([radimagenet_distance(net, prep(a[i:i + chunk]), prep(b[i:i + chunk]))
                           for i in range(0, a.shape[0], chunk)])
 
+    return slicewise(score, gen, ref)
+
+
+def slicewise(score, gen, ref):
+    """score(a, b) -> (N,) on 2D batches; a 3D batch (B, C, D, H, W) is scored per axial slice, then
+    averaged per volume -> (B,)."""
     if gen.ndim == 4:
         return score(gen, ref)
     b, c, d, h, w = gen.shape
-    sl = lambda x: x.transpose(1, 2).reshape(b * d, c, h, w)  # noqa: E731
+    sl = lambda x: x.transpose(1, 2).reshape(b * d, c, h, w)  # noqa: E731  (B*D, C, H, W)
     return score(sl(gen), sl(ref)).reshape(b, d).mean(1)
