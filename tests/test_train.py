@@ -56,6 +56,7 @@ def test_run_folder_contents(cli, tiny_preset, phantom_root, tmp_path):
     assert rec["kind"] == "checkpoint" and rec["schema"] == "medgen/1" and rec["run"] == str(run)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["provenance"]["files"][0]["sha256"] and cfg["preset"]["train"]["epochs"] == 2
+    assert Path(cfg["preset"]["data"]["root"]).is_absolute()  # later stages resolve it from anywhere
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("val") == 2 and "train" in kinds

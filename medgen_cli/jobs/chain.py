@@ -49,7 +49,7 @@ def run(preset_ref, sets, flags, dir_, dry_run):
         return
     dir_.mkdir(parents=True, exist_ok=True)
     if "synth" in stages or not given_data:
-        sets = [*sets, f"data.root={json.dumps(str(dir_ / 'data'))}"]
+        sets = [*sets, f"data.root={json.dumps(str((dir_ / 'data').resolve()))}"]
     for stage in stages:
         if stage in _done(dir_):
             log.info(f"[chain] {stage}: already done")

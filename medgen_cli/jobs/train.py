@@ -102,7 +102,8 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     from ..runtime import StopSignals, barrier, init_world
 
     p = loaded.preset
-    root = build.data_root(p)
+    root = build.data_root(p).resolve()
+    p.data.root = str(root)  # absolute in config.json and checkpoints: later stages run from anywhere
     check_data(p, root)
     if p.diffrs.enabled:  # DiffRS (issue 4): train the discriminator head on the frozen model
         from ..engine.diffrs import train_head
