@@ -12,6 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 import medgen_cli.models.unet as unet_mod
 from medgen_cli.errors import ConfigError
 from medgen_cli.models import build_model, count_parameters
+from medgen_cli.models.unet import build_unet
 
 F, T = False, True
 ROWS = {  # name: (kwargs, params in SYSTEM.md §4)
@@ -129,3 +130,21 @@ def test_models_diffusion_solvers_do_not_import_each_other(pkg):
             assert parts[0] not in {"typer", "rich"}, (path, name)
             reaches_sibling = level >= 2 or (level == 0 and parts[0] == "medgen_cli")
             assert not (reaches_sibling and banned & set(parts)), (path, name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_sdpa_attention_equals_materialised_attention(dims):
+    """model.sdpa_attention (the default) only changes how attention is computed, not the model."""
+    kw = dict(spatial_dims=dims, in_channels=2, out_channels=1, channels=[16, 32], attention_levels=[False, True],
+              num_res_blocks=1, num_head_channels=16, norm_num_groups=8)
+    torch.manual_seed(0)
+    plain = build_unet(**kw)
+    fast = build_unet(**kw, use_flash_attention=True)
+    fast.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn((2, 2) + (8,) * dims)
+    t = torch.tensor([10.0, 500.0])
+    assert torch.allclose(plain(x, t), fast(x, t), atol=1e-5)

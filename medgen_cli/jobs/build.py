@@ -21,7 +21,8 @@ def model_args(preset: Preset) -> tuple[str, dict]:
     kwargs = dict(spatial_dims=preset.data.dims, in_channels=img + cond, out_channels=img,
                   channels=list(m.channels), attention_levels=list(m.attention_levels),
                   num_res_blocks=m.num_res_blocks, num_head_channels=m.num_head_channels,
-                  norm_num_groups=m.norm_num_groups, gradient_checkpointing=m.gradient_checkpointing)
+                  norm_num_groups=m.norm_num_groups, gradient_checkpointing=m.gradient_checkpointing,
+                  use_flash_attention=m.sdpa_attention)
     return m.kind, kwargs
 
 
