@@ -17,6 +17,7 @@ medgen runs as its preset says (gradient checkpointing on for the 3D presets, as
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -137,17 +138,26 @@ def bench(name: str, iters: int) -> dict:
             out["medgen_eval_s"] = timed(evaluation(tr.model.eval(), dev, image, cond), iters)
             out["medgen_sample25_s"] = timed(sample25(tr, dev, image, cond), 2, warmup=1)
         del tr, step
+        gc.collect()
         torch.cuda.empty_cache()
     preset = load(name).preset
     image, cond = batch_for(preset, dev)
-    net, step = plain_step(preset, dev, image, cond)
-    out["plain_step_s"] = timed(step, iters)
-    out["plain_peak_gib"] = peak(step)
-    out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
+    try:
+        net, step = plain_step(preset, dev, image, cond)
+        out["plain_step_s"] = timed(step, iters)
+        out["plain_peak_gib"] = peak(step)
+        out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
+    except torch.OutOfMemoryError:
+        out["plain"] = "out of memory"
+        return out
+    finally:
+        net = step = None
+        gc.collect()
+        torch.cuda.empty_cache()
     out["ratio_step"] = out["plain_step_s"] / out["medgen_step_s"]
     out["ratio_step_nockpt"] = out["plain_step_s"] / out["medgen-nockpt_step_s"]
     out["ratio_eval"] = out["plain_eval_s"] / out["medgen_eval_s"]
-    if preset.data.dims == 2:
+    if preset.data.dims == 2 and "plain_step_s" in out:
         b = preset.train.batch_size
         out["medgen_train_img_s"] = b / out["medgen-nockpt_step_s"]
         out["plain_train_img_s"] = b / out["plain_step_s"]
