@@ -160,7 +160,7 @@ class SAMConfig(Strict):
     adaptive: bool = False
 
 
-# --- scoreaug/sda, regional weighting, compile (issue 5) ---
+# --- scoreaug/sda, regional weighting, compile ---
 class ScoreAugConfig(Strict):
     """ScoreAug (engine/scoreaug.py): one transform per batch on the noisy input, condition and target."""
 
@@ -198,7 +198,6 @@ class RegionalWeightConfig(Strict):
     large: float = Field(1.2, gt=0)
     background: float = Field(1.0, gt=0)
     fov_mm: float = Field(240.0, gt=0)  # in-plane pixel size = fov_mm / image size (the reference's scale)
-# --- end scoreaug/sda ---
 
 
 class TrainConfig(Strict):
@@ -237,7 +236,7 @@ class TrainConfig(Strict):
     # Per-sample probability of zeroing the whole condition (mask channel, size-bin / mode maps) in
     # training, keyed by (seed, step, sample); what classifier-free guidance's unconditional branch needs.
     cond_dropout: float = Field(0.0, ge=0, lt=1)
-    # --- scoreaug/sda (issue 5) ---
+    # --- scoreaug/sda ---
     scoreaug: Optional[ScoreAugConfig] = None  # mutually exclusive with sda
     sda: Optional[SDAConfig] = None
     regional_weighting: Optional[RegionalWeightConfig] = None  # bravo/dual/multi: from the mask; seg modes: target
@@ -254,7 +253,6 @@ class TrainConfig(Strict):
                              "is ~0, so it would be a silently ignored option; medgen refuses it "
                              "(Chen et al. self-conditioning on the previous x0 estimate is not implemented)")
         return self
-    # --- end scoreaug/sda ---
 
 
 class SampleConfig(Strict):
@@ -312,12 +310,11 @@ class CompatConfig(Strict):
     # rflow resolution shift from the pixel size, as the reference computed it: r = 1/2 in s2d/wavelet
     # spaces (SYSTEM.md §2, §12.9: unintended, skews training and sampling to low noise); multiplies diffusion.shift
     pixel_base_shift: bool = False
-    # --- scoreaug/sda (issue 5) ---
+    # --- scoreaug/sda ---
     scoreaug_identity_flag: bool = False  # ScoreAug identity/generation omega = dim 0 set (the pre-fix leak)
     sda_untransformed_condition: bool = False  # SDA: the mask is not transformed with the image
     sda_shift_clamp_bug: bool = False  # SDA: t·T + δ clamped to [0, 1], i.e. every augmented sample at t ≈ 1/T
     bf16_loss: bool = False  # MSE computed in bfloat16 (exp2_bf16mse: use_fp32_loss=false)
-    # --- end scoreaug/sda ---
 
 
 class SpaceStats(Strict):
@@ -367,7 +364,7 @@ class ConditioningConfig(Strict):
     max_count: int = Field(10, ge=1)  # tumour count per bin is clamped to this
 
 
-# --- controlnet (issue 5) and DiffRS (issue 4) ---
+# --- controlnet and DiffRS ---
 class ControlNetConfig(Strict):
     """ControlNet two-stage training (models/controlnet.py; SYSTEM.md §3). stage 0 = off."""
 
@@ -400,7 +397,6 @@ class DiffRSConfig(Strict):
     # Written when head training starts: the diffusion checkpoint used and the sha256 of its model index.
     checkpoint: Optional[str] = None
     sha256: Optional[str] = None
-# --- end controlnet / DiffRS ---
 
 
 class Preset(Strict):
@@ -473,7 +469,7 @@ class Preset(Strict):
         return self
 
 
-    # --- controlnet (issue 5) and DiffRS (issue 4) ---
+    # --- controlnet and DiffRS ---
     @model_validator(mode="after")
     def _controlnet_diffrs_fit(self):
         cn, dr = self.controlnet, self.diffrs
@@ -491,9 +487,8 @@ class Preset(Strict):
             if self.data.mode == "seg":
                 raise ValueError("diffrs trains on real images with their masks: use a mask-conditioned mode")
         return self
-    # --- end controlnet / DiffRS ---
 
-    # --- scoreaug/sda (issue 5) ---
+    # --- scoreaug/sda ---
     @model_validator(mode="after")
     def _augmentations_fit(self):
         t, c = self.train, self.compat
@@ -507,7 +502,6 @@ class Preset(Strict):
         if c.scoreaug_identity_flag and (t.scoreaug is None or not t.scoreaug.omega):
             raise ValueError("compat.scoreaug_identity_flag needs train.scoreaug with omega = true")
         return self
-    # --- end scoreaug/sda ---
 
     # Channel layout of each mode: (image channels, condition channels). Vector conditions (size bins,
     # modality one-hot) travel as constant condition maps after the mask channel; see vector_channels.

@@ -32,9 +32,8 @@ log = logging.getLogger("medgen")
 # Stream ids keep the keyed random draws of different purposes apart.
 (STREAM_SHUFFLE, STREAM_T, STREAM_NOISE, STREAM_VAL_T, STREAM_VAL_NOISE, STREAM_PREVIEW, STREAM_NOISE_AUG,
  STREAM_JITTER, STREAM_GRAD_NOISE, STREAM_FEATURES) = range(1, 11)
-# --- modes & conditioning (issue 5): condition dropout, whole-batch vector dropout, grouped batches ---
+# --- modes & conditioning: condition dropout, whole-batch vector dropout, grouped batches ---
 STREAM_COND_DROP, STREAM_VECTOR_DROP, STREAM_GROUPS = 11, 12, 13
-# --- end modes & conditioning ---
 
 
 @dataclass
@@ -95,11 +94,10 @@ class Trainer:
         # global batch and data-parallel ranks always hold equal shares.
         n = len(train_ds)
         self.steps_per_epoch = n // cfg.batch_size if n >= cfg.batch_size else 1
-        # --- modes & conditioning (issue 5): multi mode batches hold one modality id each ---
+        # --- modes & conditioning: multi mode batches hold one modality id each ---
         self._groups = train_ds.groups() if hasattr(train_ds, "groups") else [list(range(n))]
         if len(self._groups) > 1:
             self.steps_per_epoch = sum(self._group_batches(len(g)) for g in self._groups)
-        # --- end modes & conditioning ---
         self.book = Logbook(self.run_dir, enabled=world.main)  # rank 0 writes logs and checkpoints
         self.spike = tricks.SpikeGuard(**cfg.spike_skip.model_dump()) if cfg.spike_skip else None
         self.plateau = tricks.Plateau(cfg.plateau_factor, cfg.plateau_patience) \
@@ -107,11 +105,10 @@ class Trainer:
         self.features = tricks.FeaturePerturbation(self.model, cfg.feature_perturbation) \
             if cfg.feature_perturbation else None
         self.min_snr_unsquared = min_snr_unsquared
-        # --- scoreaug/sda (issue 5): ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
+        # --- scoreaug/sda: ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
         self.extras = tricks.LossExtras.from_config(cfg, config_json, self.model)
         if getattr(cfg, "compile", False):
             self.net = torch.compile(self.net)
-        # --- end scoreaug/sda ---
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
@@ -123,7 +120,7 @@ class Trainer:
         g = keyed_generator(self.cfg.seed, STREAM_SHUFFLE, epoch)
         return torch.randperm(len(self.train_ds), generator=g).tolist()
 
-    # --- modes & conditioning (issue 5) ------------------------------------------------------
+    # --- modes & conditioning ------------------------------------------------------
     def _group_batches(self, n: int) -> int:
         bs = self.cfg.batch_size
         return n // bs if n >= bs else 1
@@ -158,7 +155,6 @@ class Trainer:
         if p and n_vec and float(rand_keyed([(cfg.seed, STREAM_VECTOR_DROP, s)])[0]) < p:
             cond = torch.cat([cond[:, :-n_vec], torch.zeros_like(cond[:, -n_vec:])], dim=1)
         return cond
-    # --- end modes & conditioning --------------------------------------------------------------
 
     # ---- data -------------------------------------------------------------------------------
     def _batches(self, epoch: int):
@@ -207,10 +203,9 @@ class Trainer:
         if self.features:
             self.features.generator.manual_seed(keyed_seed(cfg.seed, STREAM_FEATURES, s, self.world.rank))
         with autocast(self.device, cfg.precision):
-            # --- scoreaug/sda (issue 5) ---
+            # --- scoreaug/sda ---
             if self.extras is not None:
                 return self.extras.loss(self.net, self.strategy, image, cond, t, noise, weight, s)
-            # --- end scoreaug/sda ---
             loss, *_ = loss_at(self.net, self.strategy, image, cond, t, noise, weight)
         return loss
 
@@ -221,7 +216,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         t, noise = self._draws(image)
-        cond = self._condition(cond)  # modes & conditioning (issue 5)
+        cond = self._condition(cond)  # modes & conditioning
         self.model.train()
         loss = self._loss(image, cond, t, noise)
         loss.backward()

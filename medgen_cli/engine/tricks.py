@@ -139,7 +139,7 @@ def sam_restore(moves) -> None:
         p.sub_(e)
 
 
-# --- scoreaug/sda, regional weighting, bf16 loss (issue 5) -----------------------------------------
+# --- scoreaug/sda, regional weighting, bf16 loss -----------------------------------------
 RANO_WEIGHT_KEYS = ("tiny", "small", "medium", "large")
 
 
@@ -254,4 +254,3 @@ class LossExtras:
                     pw2 = apply_spatial(pw, *op)
                 loss = loss + sda_cfg.weight * weighted_mse(p2, t2, weight, pw2, bf16)
         return loss
-# --- end scoreaug/sda ---

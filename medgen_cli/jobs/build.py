@@ -13,7 +13,7 @@ def model_args(preset: Preset) -> tuple[str, dict]:
     m = preset.model
     img, cond = preset.channels()
     cond -= preset.vector_channels()  # vector conditions do not enter conv_in (models/conditioning.py)
-    if preset.controlnet.stage:  # controlnet (issue 5): the UNet is unconditional, the mask goes to the ControlNet
+    if preset.controlnet.stage:  # controlnet: the UNet is unconditional, the mask goes to the ControlNet
         cond = 0
     img, cond = (c * preset.space.factor ** preset.data.dims for c in (img, cond))  # s2d/wavelet: 2^dims x
     if m.kind == "dit":
@@ -38,7 +38,7 @@ def build_model(preset: Preset):
 
 def wrap_for_mode(preset: Preset, model):
     """The mode's conditioning around the network (multi: mode embedding; seg_conditioned: size-bin FiLM)."""
-    if preset.controlnet.stage:  # controlnet (issue 5)
+    if preset.controlnet.stage:  # controlnet
         return wrap_controlnet(preset, model)
     if preset.data.mode not in ("multi", "seg_conditioned"):
         return model
@@ -49,7 +49,7 @@ def wrap_for_mode(preset: Preset, model):
                 c.late_start_level, c.size_bins, c.max_count)
 
 
-# --- scoreaug/sda (issue 5) ---
+# --- scoreaug/sda ---
 def wrap_for_omega(preset: Preset, model):
     """ScoreAug with omega: the 36-d omega embedding added to the time embedding (models/conditioning.py)."""
     sa = preset.train.scoreaug
@@ -58,7 +58,6 @@ def wrap_for_omega(preset: Preset, model):
     from ..models.conditioning import OmegaConditioned
 
     return OmegaConditioned(model, identity_flag=preset.compat.scoreaug_identity_flag)
-# --- end scoreaug/sda ---
 
 
 def count_parameters(preset: Preset) -> int:
@@ -152,7 +151,7 @@ def build_space(preset: Preset, train_ds=None):
     return Space(sp.kind, dims, sp.rescale, stats.mean if stats else None, stats.std if stats else None)
 
 
-# --- controlnet (issue 5) ---------------------------------------------------------------------------
+# --- controlnet ---------------------------------------------------------------------------
 def wrap_controlnet(preset: Preset, unet):
     """Stage 1: the UNet on the image channels alone; stage 2: + a fresh ControlNet (zero residuals)."""
     from ..models.controlnet import ControlledUNet, build_controlnet
@@ -188,4 +187,3 @@ def load_stage1(preset: Preset, model) -> None:
     cn.stage1_checkpoint = str(step.resolve())
     cn.stage1_sha256 = hashlib.sha256(index.read_bytes()).hexdigest()
     cn.stage1_loaded = ck.weights
-# --- end controlnet ---------------------------------------------------------------------------------

@@ -75,12 +75,11 @@ def model_grid(path: Path, override, image_size: int) -> tuple[tuple[float, floa
 
 def conditions(preset, root: Path | None, split: str, n: int, bins=None, modality=None) -> list[Condition]:
     d = preset.data
-    # --- controlnet (issue 5): a stage-1 model is unconditional (no mask needed, none written) ---
+    # --- controlnet: a stage-1 model is unconditional (no mask needed, none written) ---
     if preset.controlnet.stage == 1:
         plain = preset.model_copy(update={"data": d.model_copy(update={"mode": "seg"}),
                                           "controlnet": preset.controlnet.model_copy(update={"stage": 0})})
         return conditions(plain, root, split, n)
-    # --- end controlnet ---
     if d.mode in BIN_MODES or d.mode == "multi":
         return _mode_conditions(preset, root, split, n, bins, modality)
     if d.mode == "seg":
@@ -94,7 +93,7 @@ def conditions(preset, root: Path | None, split: str, n: int, bins=None, modalit
     return _slice_conditions(preset, root, split, n) if d.dims == 2 else _volume_conditions(preset, root, split, n)
 
 
-# ---- modes & conditioning (issue 5): size-bin and multi-modality conditions ----------------------------
+# ---- modes & conditioning: size-bin and multi-modality conditions ----------------------------
 BIN_MODES = ("seg_conditioned", "seg_conditioned_input")
 MASK_MODES = ("bravo", "dual", "multi")  # modes conditioned on a mask (written beside each output)
 MULTI_MODALITIES = ("bravo", "flair", "t1_pre", "t1_gd")  # mode ids 0..3
@@ -166,7 +165,6 @@ def _mode_conditions(preset, root, split, n, bins, modality) -> list[Condition]:
         where = f"{mask}#slice={it['slice']}" if d.dims == 2 else str(mask)
         out.append(Condition(it["cond"].numpy(), where, sp, depth, None, {"bins": it["bins"].tolist()}))
     return out
-# ---- end modes & conditioning ------------------------------------------------------------------------
 
 
 def _volume_conditions(preset, root, split, n) -> list[Condition]:
@@ -288,7 +286,7 @@ def check_plan(preset, sc) -> None:
         if preset.data.mode == "seg":
             raise UsageError("seg models are unconditional: classifier-free guidance has nothing to guide",
                              "--cfg", "drop --cfg/--cfg-end for seg models")
-        if preset.controlnet.stage == 1:  # controlnet (issue 5)
+        if preset.controlnet.stage == 1:  # controlnet
             raise UsageError("ControlNet stage-1 models are unconditional: classifier-free guidance has nothing "
                              "to guide", "--cfg", "drop --cfg/--cfg-end, or sample the stage-2 run")
         if not _trained_with_dropout(preset):
@@ -337,23 +335,22 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
     ref = checkpoint_ref(run_ref)
     ck, preset = _load(ref, opts.get("weights"), opts.get("which"))
     opts = dict(opts)
-    # --- DiffRS (issue 4): pop --diffrs* options (engine/diffrs.py) ---
+    # --- DiffRS: pop --diffrs* options (engine/diffrs.py) ---
     from ..engine import diffrs as rs
 
     rs_opts = rs.pop_options(opts, paired)
-    # --- end DiffRS ---
     bins_text = opts.pop("bins", None)
     modality = opts.pop("modality", None)
     if paired is not None:  # --bins then conditions the mask model
         sc = sample_options(preset, opts)
         yield from run_paired(ck, preset, sc, out, data, device, dry_run, opts, bins=bins_text, **paired)
         return
-    bins = parse_bins(bins_text, preset.conditioning.max_count)  # modes & conditioning (issue 5)
+    bins = parse_bins(bins_text, preset.conditioning.max_count)  # modes & conditioning
     if bins is not None and preset.data.mode not in BIN_MODES:
         raise UsageError(f"--bins conditions size-bin models, this one is '{preset.data.mode}'", "--bins",
                          "drop --bins")
     sc = sample_options(preset, opts)
-    if rs_opts is not None:  # DiffRS (issue 4)
+    if rs_opts is not None:  # DiffRS
         rs.check_plan(preset, sc)
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
@@ -365,14 +362,14 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
     dev = pick_device(device or preset.train.device)
     model, strategy = _build(preset, ck, dev)
     sampler = None if rs_opts is None else rs.DiffRSSampler(rs_opts[0], model, strategy, preset, sc, rs_opts[1], dev,
-                                                            ck.step_dir)  # DiffRS (issue 4)
+                                                            ck.step_dir)  # DiffRS
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     for start in range(0, sc.n, sc.batch_size):
         idx = list(range(start, min(start + sc.batch_size, sc.n)))
         if sampler is None:
             res = generate_items(model, strategy, preset, sc, [conds[i] for i in idx], idx, dev)
-        else:  # DiffRS (issue 4)
+        else:  # DiffRS
             res = sampler.generate([conds[i] for i in idx], idx, build.space_shape(preset), conds)
         for j, i in enumerate(idx):
             for ch, modality in enumerate(output_modalities(preset, conds[i])):  # dual: one record per file

@@ -105,7 +105,7 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     root = build.data_root(p).resolve()
     p.data.root = str(root)  # absolute in config.json and checkpoints: later stages run from anywhere
     check_data(p, root)
-    if p.diffrs.enabled:  # DiffRS (issue 4): train the discriminator head on the frozen model
+    if p.diffrs.enabled:  # DiffRS: train the discriminator head on the frozen model
         from ..engine.diffrs import train_head
 
         return train_head(loaded, run_dir, resume, root, provenance(loaded))
@@ -114,7 +114,7 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
     val_ds = build.build_dataset(p, p.data.val_split, root)
     space = build.build_space(p, train_ds)  # spaces.py; may estimate space.stats into p before config.json
     model = build.build_model(p)
-    if p.controlnet.stage == 2 and not resume:  # controlnet (issue 5): start from the stage-1 UNet
+    if p.controlnet.stage == 2 and not resume:  # controlnet: start from the stage-1 UNet
         build.load_stage1(p, model)  # writes the pointer (path + sha256) into p before config.json
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,7 @@ def wrap(unet: nn.Module, mode: str, channels: list[int], mode_embedding: str = 
     return ConditionedUNet(unet, 4)
 
 
-# --- ScoreAug omega embedding (issue 5) -------------------------------------------------------------
+# --- ScoreAug omega embedding -------------------------------------------------------------
 OMEGA_DIM = 36
 
 
@@ -236,4 +236,3 @@ class OmegaConditioned(nn.Module):
     @property
     def vector_dropout(self) -> float:
         return float(getattr(self.model, "vector_dropout", 0.0))
-# --- end ScoreAug omega embedding ---
