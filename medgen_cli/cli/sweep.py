@@ -18,6 +18,8 @@ RefOpt = Annotated[str, typer.Option(
     "--ref", help="ode: dopri5 at 1e-5 from the same noise; real: the conditions' real images (bravo).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Noise of output i uses seed + i.")]
+FeatureRefOpt = Annotated[str, typer.Option(
+    "--feature-ref", help="fid/kid/cmmd: the split (or folder) compared with, as `eval fid --ref`.")]
 
 
 def solvers(
@@ -27,8 +29,7 @@ def solvers(
     metric: Annotated[Optional[list[str]], typer.Option(
         "--metric", help="psnr | msssim | fid | kid | cmmd (repeatable; default: the preset's eval.metrics).")] = None,
     ref: RefOpt = "ode",
-    feature_ref: Annotated[str, typer.Option(
-        "--feature-ref", help="fid/kid/cmmd: the split (or folder) compared with, as `eval fid --ref`.")] = "all",
+    feature_ref: FeatureRefOpt = "all",
     quick: Annotated[bool, typer.Option("--quick", help="Steps {10,50}, tolerances {1e-3,1e-5}.")] = False,
     restart: Annotated[bool, typer.Option("--restart/--no-restart", help="Include the Restart grid.")] = True,
     solver: Annotated[Optional[list[str]], typer.Option("--solver", help="Only these solvers (repeatable).")] = None,
@@ -60,8 +61,7 @@ def optimal_steps(
     out: OutOpt = None,
     n: NOpt = 4,
     ref: RefOpt = "ode",
-    feature_ref: Annotated[str, typer.Option(
-        "--feature-ref", help="fid/kid/cmmd: the split (or folder) compared with.")] = "all",
+    feature_ref: FeatureRefOpt = "all",
     split: SplitOpt = None,
     data: DataOpt = None,
     batch_size: BatchOpt = None,

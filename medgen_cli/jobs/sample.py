@@ -154,17 +154,22 @@ def _mode_conditions(preset, root, split, n, bins, modality) -> list[Condition]:
     if root is None:
         raise UsageError("size-bin models need bins: none given", "--bins",
                          "pass --bins 1,0,2,0,0,0,0, or --data DIR to take the bins of its --split masks")
-    ds = build.build_dataset(preset, split, root)
-    if len(ds) < n:
-        raise InputError(f"split '{split}' has {len(ds)} usable masks, {n} samples asked", str(root / split),
-                         f"use --n {len(ds)}")
     out = []
-    for i in range(n):
-        it = ds[i]
-        mask = Path(root) / split / it["patient"] / "seg.nii.gz"
+    for it, mask in _first_items(preset, root, split, n):
         where = f"{mask}#slice={it['slice']}" if d.dims == 2 else str(mask)
         out.append(Condition(it["cond"].numpy(), where, sp, depth, None, {"bins": it["bins"].tolist()}))
     return out
+
+
+def _first_items(preset, root, split: str, n: int):
+    """The split's first n dataset items (the reference's conditioning protocol) with their mask files."""
+    ds = build.build_dataset(preset, split, root)
+    if len(ds) < n:
+        raise InputError(f"split '{split}' has {len(ds)} usable items, {n} samples asked", str(root / split),
+                         f"use --n {len(ds)} or another --split")
+    for i in range(n):
+        it = ds[i]
+        yield it, Path(root) / split / it["patient"] / "seg.nii.gz"
 
 
 def _volume_conditions(preset, root, split, n) -> list[Condition]:
@@ -188,14 +193,8 @@ def _volume_conditions(preset, root, split, n) -> list[Condition]:
 
 
 def _slice_conditions(preset, root, split, n) -> list[Condition]:
-    ds = build.build_dataset(preset, split, root)
-    if len(ds) < n:
-        raise InputError(f"split '{split}' has {len(ds)} usable slices, {n} samples asked", str(root / split),
-                         f"use --n {len(ds)}")
     out = []
-    for i in range(n):
-        it = ds[i]
-        mask = Path(root) / split / it["patient"] / "seg.nii.gz"
+    for it, mask in _first_items(preset, root, split, n):
         sp, aff = model_grid(mask, preset.data.spacing, preset.data.image_size)
         out.append(Condition(it["cond"].numpy(), f"{mask}#slice={it['slice']}", sp, None, aff))
     return out
