@@ -5,6 +5,11 @@ optimizer, EMA when on), seconds per network evaluation (bf16, no grad), peak GP
 ratio plain/medgen (> 1 means medgen is faster). Needs a CUDA GPU.
 
     python benchmarks/bench_unet.py [--presets 3d-pixel-128 3d-pixel-256 2d-pixel-128 2d-pixel-256] [--iters 10]
+        [--compile] [--budget 520]
+
+With --compile it adds medgen compiled (train.compile: channels-last, torch.compile, fused AdamW),
+the sampling fast path (engine/fastpath.py: bf16 weights, channels-last, compile, CUDA graphs) and
+the plain loop under torch.compile, all in the same run.
 
 Batch size is the preset's (1 in 3D, 16 in 2D); 2D figures are also given as images/s.
 
@@ -23,23 +28,37 @@ import time
 
 import torch
 
+T0 = time.perf_counter()
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def cuda_free() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) / iters
 
 
 def peak(fn) -> float:
-    torch.cuda.empty_cache()
+    if not torch.cuda.is_available():
+        fn()
+        return float("nan")
+    cuda_free()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -75,7 +94,7 @@ def medgen_step(preset, dev, image, cond):
     return tr, lambda: tr._step(image, cond)["loss"].item()  # sync like a logging step
 
 
-def plain_step(preset, dev, image, cond):
+def plain_step(preset, dev, image, cond, compiled: bool = False):
     from monai.networks.nets import DiffusionModelUNet
     from monai.networks.schedulers import RFlowScheduler
 
@@ -84,21 +103,22 @@ def plain_step(preset, dev, image, cond):
                              attention_levels=m.attention_levels, num_res_blocks=m.num_res_blocks,
                              num_head_channels=m.num_head_channels, norm_num_groups=m.norm_num_groups).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    fwd = torch.compile(net) if compiled else net
     sched = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=False, sample_method="logit-normal")
 
     def step():
         noise = torch.randn_like(image)
         t = sched.sample_timesteps(image)
         x_t = sched.add_noise(image, noise, t)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            v = net(torch.cat([x_t, cond], 1), t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            v = fwd(torch.cat([x_t, cond], 1), t)
         loss = torch.nn.functional.mse_loss(v.float(), (image - noise).float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return net, step
+    return fwd, step
 
 
 def evaluation(net, dev, image, cond):
@@ -107,7 +127,7 @@ def evaluation(net, dev, image, cond):
 
     @torch.no_grad()
     def run():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             net(x, t)
 
     return run
@@ -122,45 +142,111 @@ def sample25(tr, dev, image, cond):
     return lambda: generate(tr.model.eval(), tr.strategy, noise, cond, "euler", 25, autocast(dev, "bf16"))
 
 
-def bench(name: str, iters: int) -> dict:
-    from medgen_cli.config import load
+def plain_sample25(net, dev, image, cond):
+    """The plain 25-step Euler loop a researcher writes around the (possibly compiled) network."""
+    noise = torch.randn_like(image)
+    ts = torch.linspace(1.0, 0.0, 26, device=dev)
 
-    dev = torch.device("cuda")
-    out = {"preset": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for label, ckpt in (("medgen", None), ("medgen-nockpt", False)):
-        sets = [] if ckpt is None else ["model.gradient_checkpointing=false"]
-        preset = load(name, sets).preset
+    @torch.no_grad()
+    def run():
+        x = noise
+        for k in range(25):
+            t = torch.full((x.shape[0],), float(ts[k]) * 1000.0, device=dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                v = net(torch.cat([x, cond], 1), t)
+            x = x + (ts[k] - ts[k + 1]) * v.float()
+        return x
+
+    return run
+
+
+def over_budget(args) -> bool:
+    return time.perf_counter() - T0 > args.budget
+
+
+def bench(name: str, args) -> dict:
+    from medgen_cli.config import load
+    from medgen_cli.engine.fastpath import FastNet
+
+    iters = args.iters
+    dev = torch.device(args.device)
+    out = {"preset": name, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+           "torch": torch.__version__}
+    variants = [("medgen", None), ("medgen-nockpt", ["model.gradient_checkpointing=false"])]
+    if args.compile:
+        variants.append(("medgen-compiled", ["model.gradient_checkpointing=false", "train.compile=true"]))
+    for label, sets in variants:
+        if over_budget(args):
+            out[f"{label}"] = "skipped: time budget"
+            continue
+        preset = load(name, sets or []).preset
         image, cond = batch_for(preset, dev)
         tr, step = medgen_step(preset, dev, image, cond)
+        t0 = time.perf_counter()
+        step()
+        sync()
+        out[f"{label}_first_step_s"] = time.perf_counter() - t0
         out[f"{label}_step_s"] = timed(step, iters)
         out[f"{label}_peak_gib"] = peak(step)
-        if ckpt is None:
+        if sets is None:
             out["medgen_eval_s"] = timed(evaluation(tr.model.eval(), dev, image, cond), iters)
             out["medgen_sample25_s"] = timed(sample25(tr, dev, image, cond), 2, warmup=1)
+        if label == "medgen-compiled":  # the sampling fast path on the same weights
+            fast = FastNet(tr.model.eval(), dev)
+            x = torch.cat([image, cond], 1)
+            t = torch.full((image.shape[0],), 500.0, device=dev)
+            t0 = time.perf_counter()
+            fast(x, t)
+            sync()
+            out["medgen_fast_compile_s"] = time.perf_counter() - t0
+            out["medgen_fast_eval_s"] = timed(lambda: fast(x, t), iters)
+            tr_fast = type("T", (), {"model": fast, "strategy": tr.strategy})
+            out["medgen_fast_sample25_s"] = timed(sample25(tr_fast, dev, image, cond), 3, warmup=1)
+            del fast, tr_fast
         del tr, step
         gc.collect()
-        torch.cuda.empty_cache()
+        cuda_free()
+        torch._dynamo.reset()
     preset = load(name).preset
     image, cond = batch_for(preset, dev)
+    net = step = None
     try:
         net, step = plain_step(preset, dev, image, cond)
         out["plain_step_s"] = timed(step, iters)
         out["plain_peak_gib"] = peak(step)
         out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
+        out["plain_sample25_s"] = timed(plain_sample25(net, dev, image, cond), 2, warmup=1)
+        if args.compile and not over_budget(args):
+            cnet, cstep = plain_step(preset, dev, image, cond, compiled=True)
+            t0 = time.perf_counter()
+            cstep()
+            sync()
+            out["plain-compiled_first_step_s"] = time.perf_counter() - t0
+            out["plain-compiled_step_s"] = timed(cstep, iters)
+            out["plain-compiled_peak_gib"] = peak(cstep)
+            cnet.eval()
+            out["plain-compiled_eval_s"] = timed(evaluation(cnet, dev, image, cond), iters)
+            out["plain-compiled_sample25_s"] = timed(plain_sample25(cnet, dev, image, cond), 2, warmup=1)
+            del cnet, cstep
     except torch.OutOfMemoryError:
         out["plain"] = "out of memory"
-        return out
     finally:
         net = step = None
         gc.collect()
-        torch.cuda.empty_cache()
-    out["ratio_step"] = out["plain_step_s"] / out["medgen_step_s"]
-    out["ratio_step_nockpt"] = out["plain_step_s"] / out["medgen-nockpt_step_s"]
-    out["ratio_eval"] = out["plain_eval_s"] / out["medgen_eval_s"]
-    if preset.data.dims == 2 and "plain_step_s" in out:
-        b = preset.train.batch_size
-        out["medgen_train_img_s"] = b / out["medgen-nockpt_step_s"]
-        out["plain_train_img_s"] = b / out["plain_step_s"]
+        cuda_free()
+        torch._dynamo.reset()
+    for a, b in (("plain_step_s", "medgen_step_s"), ("plain_step_s", "medgen-nockpt_step_s"),
+                 ("plain_eval_s", "medgen_eval_s"), ("plain_step_s", "medgen-compiled_step_s"),
+                 ("plain-compiled_step_s", "medgen-compiled_step_s"), ("plain_eval_s", "medgen_fast_eval_s"),
+                 ("plain-compiled_eval_s", "medgen_fast_eval_s"), ("plain_sample25_s", "medgen_fast_sample25_s"),
+                 ("plain-compiled_sample25_s", "medgen_fast_sample25_s")):
+        if isinstance(out.get(a), float) and isinstance(out.get(b), float):
+            out[f"ratio_{a.removesuffix('_s')}/{b.removesuffix('_s')}"] = out[a] / out[b]
+    if preset.data.dims == 2:
+        bsz = preset.train.batch_size
+        for k in ("medgen-nockpt", "medgen-compiled", "plain", "plain-compiled"):
+            if isinstance(out.get(f"{k}_step_s"), float):
+                out[f"{k}_train_img_s"] = bsz / out[f"{k}_step_s"]
     return out
 
 
@@ -168,12 +254,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["3d-pixel-128", "3d-pixel-256", "2d-pixel-128", "2d-pixel-256"])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--compile", action="store_true", help="add the compiled variants (minutes of compiling)")
+    ap.add_argument("--device", default="cuda", help="cuda (figures) or cpu (a smoke run of small presets)")
+    ap.add_argument("--budget", type=float, default=520.0, help="seconds after which no new variant starts")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --device cpu with a small preset)")
     torch.backends.cudnn.benchmark = True
     for name in args.presets:
-        print(json.dumps(bench(name, args.iters)), flush=True)
+        print(json.dumps(bench(name, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -152,10 +152,17 @@ def autocast(device, precision: str = "fp32"):
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"unknown precision '{precision}', expected bf16 or fp32", "precision",
                           hint=did_you_mean(precision, ["bf16", "fp32"]) or "use bf16 or fp32")
+    if precision == "bf16" and _autocast_override is not None:  # the memory planner's simulated GPU step
+        return _autocast_override()
     dev = torch.device(device)
     if precision == "bf16" and dev.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# engine/planner.py sets this while it runs a training step on fake CPU tensors: a factory of the context
+# that reproduces CUDA bf16 autocast there (so the simulated step saves what the GPU step would save).
+_autocast_override = None
 
 
 def set_deterministic() -> None:

@@ -17,7 +17,7 @@ REFERENCE_PARAMS = {
     "3d-pixel-128-ema": 269.6e6,
     "3d-pixel-256": 269.6e6,
     "3d-seg-256": 269.6e6,
-    # transformer backbones and pixel-space transforms (issue 5)
+    # transformer backbones and pixel-space transforms
     "3d-dit-b-128": 134.5e6,  # "DiT-B p8 3D = 134-135M" (measured in the reference)
     "3d-dit-b-128-2000": 134.5e6,
     "3d-s2d-128": 1.424e9,  # default_3d_5lvl, 16 in / 8 out

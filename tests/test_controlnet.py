@@ -1,4 +1,4 @@
-"""ControlNet two-stage training (issue 5): zero-initialised start, frozen UNet, toy runs end to end."""
+"""ControlNet two-stage training: zero-initialised start, frozen UNet, toy runs end to end."""
 
 from __future__ import annotations
 

@@ -92,3 +92,35 @@ def test_bins_from_sample_records_and_ssim(cli, phantom_root, tmp_path):
     assert r.code == 0, r.err
     s = {x["name"]: x["value"] for x in _json(r.out)}
     assert s["ssim"] == pytest.approx(1.0) and s["ssim-3d"] == pytest.approx(1.0)
+
+
+def test_eval_process_imports_neither_torchvision_nor_nibabel(tmp_path, offline_caches):  # noqa: F811
+    """`medgen eval fid|kid` start-up: no torchvision (our ResNet50), no nibabel (the reader parses NIfTI-1
+    itself), no MONAI or SciPy; the CLI runs in a fresh process, as users run it. (KID here: FID's two
+    2048² eigendecompositions take ~15 s on two CPU cores; the path up to them is the same.)"""
+    import subprocess
+    import sys
+
+    import torch
+
+    from medgen_cli.metrics import features, nets
+
+    ck = offline_caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(nets.ResNet50().state_dict(), ck / features.RESNET50_FILE)
+    rng = np.random.default_rng(0)
+    for name in ("gen/0", "ref/a", "ref/b"):
+        write_nifti(tmp_path / name / "bravo.nii.gz", rng.random((32, 32, 2)).astype(np.float32))
+    code = ("import json, sys\n"
+            "from medgen_cli.cli.app import run\n"
+            f"rc = run(['eval', 'kid', '--protocol', 'reference', '--gen', {str(tmp_path / 'gen')!r}, "
+            f"'--ref', {str(tmp_path / 'ref')!r}, "
+            "'--json', '--device', 'cpu', '--workers', '1'])\n"
+            "heavy = [m for m in ('torchvision', 'nibabel', 'monai', 'scipy') if m in sys.modules]\n"
+            "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    last = json.loads(p.stderr.strip().splitlines()[-1])
+    assert last == {"rc": 0, "heavy": []}, p.stderr[-2000:]
+    rec = _json(p.stdout)[0]
+    assert rec["name"] == "kid" and rec["n_gen_slices"] == 2 and rec["n_ref_slices"] == 4
+    assert rec["ref_cache_hit"] is False

@@ -59,20 +59,34 @@ def test_missing_weights_lists_every_place(offline_caches):
     assert "models--microsoft--BiomedCLIP" in "\n".join(e.value.lines())
 
 
-def test_resnet50_from_torch_hub_cache(offline_caches):
+def test_resnet50_from_torch_hub_cache_equals_torchvision(offline_caches):
+    """Our ResNet50 (no torchvision import) loads torchvision's file strictly and computes the same features
+    as torchvision's resnet50 with fc removed, on the same random weights, fp32 and bf16 autocast."""
     import torchvision
 
     from medgen_cli.metrics.weights import sha256_file
 
     ck = offline_caches / "torch" / "hub" / "checkpoints"
     ck.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), ck / features.RESNET50_FILE)
+    tv = torchvision.models.resnet50(weights=None)
+    state = _random_state(tv)
+    torch.save(state, ck / features.RESNET50_FILE)  # without num_batches_tracked, as older exports
     ext = features.load("resnet50-imagenet", device="cpu")
     assert ext.dim == 2048 and ext.sha256 == sha256_file(ck / features.RESNET50_FILE)
-    out = ext(torch.rand(2, 1, 40, 40))
-    assert out.shape == (2, 2048) and torch.isfinite(out).all()
     assert "bilinear 224x224" in ext.preprocessing and "fp32" in ext.preprocessing
+    assert set(ext.net.state_dict()) == set(tv.state_dict())  # the same keys, num_batches_tracked included
+    x = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(1))
+    out = ext(x)
+    tv.fc = torch.nn.Identity()
+    tv.eval()
+    up = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False).clamp(0, 1)
+    mean = torch.tensor(features.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(features.IMAGENET_STD).view(1, 3, 1, 1)
+    inp = (up.expand(-1, 3, -1, -1) - mean) / std
+    with torch.no_grad():
+        assert torch.equal(out, tv(inp))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ext.net(inp), tv(inp))
 
 
 def test_wrong_shapes_is_an_input_error(offline_caches, tmp_path):
@@ -170,6 +184,26 @@ def test_fid_inception_matches_torchvision_layout_and_loads(offline_caches):
     torch.save(tv.state_dict() | {"AuxLogits.fc.weight": torch.zeros(1)}, bad)
     with pytest.raises(InputError, match="FID Inception"):
         features.load("inception-v3", weights=bad)
+
+
+def test_fid_inception_equals_pytorch_fid_on_random_weights(offline_caches):
+    """pytorch-fid's InceptionV3 (the literature's FID features) and our inception-v3 extractor read the same
+    file — random weights of the real shapes under the real name in the torch hub cache, where pytorch-fid
+    looks before downloading — and give the same 2048-d features."""
+    pf = pytest.importorskip("pytorch_fid.inception")
+    from medgen_cli.metrics import nets
+
+    ck = offline_caches / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(_random_state(nets.FIDInception(), seed=3), ck / features.FID_INCEPTION_FILE)
+    assert pf.FID_WEIGHTS_URL.endswith("/" + features.FID_INCEPTION_FILE)
+    ext = features.load("inception-v3", device="cpu", precision="fp32")
+    ref = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True).eval()
+    x = torch.rand(2, 1, 96, 80, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x.expand(-1, 3, -1, -1))[0].flatten(1)
+    got = ext(x)
+    assert want.abs().max() > 0 and torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.slow

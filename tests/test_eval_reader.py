@@ -1,6 +1,9 @@
-"""The fast reference/generated reader (threads, device-side normalisation) equals the plain nibabel path."""
+"""The fast reference/generated reader (worker processes, device-side normalisation) equals the plain nibabel path."""
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from medgen_cli.data.nifti import write_nifti
 from medgen_cli.errors import InputError
 from medgen_cli.jobs import evaluate as job
+from medgen_cli.metrics import reader
 
 
 class Pixels:  # an "extractor" whose features are the slice's pixels, resized to 6x6
@@ -45,8 +49,14 @@ def test_fast_reader_equals_nibabel_path(tmp_path, workers):
     files.append(tmp_path / "c.nii")
     nib.save(nib.Nifti1Image(np.full((12, 10, 4), 3.0, np.float32), np.eye(4)), tmp_path / "d.nii.gz")  # constant
     files.append(tmp_path / "d.nii.gz")
-    for p in files:  # every one of these takes the fast path (nibabel only parses the header)
-        assert job._read_fast(p, 150, False) is not None
+    e = rng.integers(0, 65535, (12, 10, 6)).astype(np.uint16)  # unsigned: travels as int16 bits, widened
+    nib.save(nib.Nifti1Image(e, np.eye(4)), tmp_path / "e.nii.gz")
+    files.append(tmp_path / "e.nii.gz")
+    hdr = nib.Nifti1Header(endianness=">")  # big-endian file
+    nib.save(nib.Nifti1Image(a[..., :5].astype(">f4"), np.eye(4), hdr), tmp_path / "f.nii.gz")
+    files.append(tmp_path / "f.nii.gz")
+    for p in files:  # every one of these takes the fast path (no nibabel in the reader)
+        assert reader.read_voxels(p, 150) is not None
     for role, planes, depth, binary in (("ref", "axial", 8, False), ("gen", "tri", 150, False),
                                         ("gen", "axial", None, True), ("ref", "tri", 6, False)):
         f, g = job.extract(files, Pixels(), role, planes, depth, binary, workers=workers, batch=4)
@@ -70,6 +80,8 @@ def test_fast_reader_2d_and_bad_voxels(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(InputError):
         job.extract([tmp_path / "junk.nii.gz"], Pixels(), "ref", workers=1)
+    with pytest.raises(InputError, match="not found"):  # e.g. a sample record naming a deleted file
+        job.extract([p2, tmp_path / "gone.nii.gz"], Pixels(), "gen", workers=2)
 
 
 def test_reference_cache_key_is_content(tmp_path, monkeypatch):
@@ -87,3 +99,151 @@ def test_reference_cache_key_is_content(tmp_path, monkeypatch):
     write_nifti(moved, x * 0.5 + 0.1, spacing=(1, 1, 1))  # new content under the same path
     _, _, hit = job.reference_features([moved], ext, "axial", 150)
     assert not hit
+
+
+def _nibabel_layout(path):
+    import gzip
+
+    import nibabel as nib
+    from nibabel.nifti1 import Nifti1Header
+
+    raw = Path(path).read_bytes()
+    hdr = Nifti1Header.from_fileobj(io.BytesIO(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw))
+    data = np.asanyarray(nib.load(path).dataobj.get_unscaled())
+    return hdr, data
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", ">u2", "<u1", "<i1", "<i4", "<u4", "<f8", "<i8"])
+def test_header_parser_agrees_with_nibabel(tmp_path, dtype):
+    import nibabel as nib
+
+    rng = np.random.default_rng(5)
+    arr = (rng.random((7, 6, 5)) * 100).astype(dtype)
+    hdr = nib.Nifti1Header(endianness=dtype[0])
+    hdr.set_data_dtype(np.dtype(dtype))
+    img = nib.Nifti1Image(arr, np.diag([0.5, 0.7, 2.0, 1.0]), hdr)
+    if np.dtype(dtype).kind in "iu":
+        img.header.set_slope_inter(0.25, -3.0)
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, path)
+    want_hdr, want = _nibabel_layout(path)
+    got, slope, inter = reader.read_voxels(path, 3)
+    assert got.dtype == want.dtype.newbyteorder("=") and got.shape == (3, 6, 7) and got.flags.writeable
+    assert np.array_equal(got, want[..., :3].T)
+    assert (slope, inter) == want_hdr.get_slope_inter()
+    assert reader.uncompressed_size(path) >= got.nbytes
+
+
+def test_header_parser_refuses_what_it_does_not_know(tmp_path):
+    import nibabel as nib
+
+    arr = np.zeros((4, 4, 3), np.float32)
+    nib.save(nib.Nifti1Pair(arr, np.eye(4)), tmp_path / "pair.img")  # two-file NIfTI: nibabel reads it
+    assert reader.read_voxels(tmp_path / "pair.hdr") is None
+    rgb = np.zeros((4, 4, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    assert reader.read_voxels(tmp_path / "rgb.nii") is None
+    raw = bytearray((tmp_path / "pair.hdr").read_bytes())
+    img = nib.Nifti1Image(arr, np.eye(4))
+    nib.save(img, tmp_path / "ok.nii")
+    raw = bytearray((tmp_path / "ok.nii").read_bytes())
+    assert reader.read_voxels(tmp_path / "ok.nii") is not None
+    bad = raw.copy()
+    bad[108:112] = np.float32(0).tobytes()  # vox_offset inside the header
+    (tmp_path / "off.nii").write_bytes(bad)
+    assert reader.read_voxels(tmp_path / "off.nii") is None
+    bad = raw.copy()
+    bad[112:120] = np.array([2.0, np.inf], np.float32).tobytes()  # valid slope, infinite intercept
+    (tmp_path / "inter.nii").write_bytes(bad)
+    assert reader.read_voxels(tmp_path / "inter.nii") is None
+    (tmp_path / "short.nii").write_bytes(raw[:400])  # truncated data
+    assert reader.read_voxels(tmp_path / "short.nii") is None
+    bad = raw.copy()
+    bad[112:116] = np.float32(0).tobytes()  # slope 0: no scaling, as nibabel says
+    (tmp_path / "s0.nii").write_bytes(bad)
+    assert reader.read_voxels(tmp_path / "s0.nii")[1:] == (None, None)
+
+
+def test_zlib_and_isal_inflate_alike(tmp_path):
+    x = np.random.default_rng(3).random((9, 8, 7)).astype(np.float32)
+    p = write_nifti(tmp_path / "v.nii.gz", x)
+    a = reader.read_voxels(p, None, "zlib")
+    assert reader.inflater("zlib") == "zlib"
+    b = reader.read_voxels(p, None, "auto")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[0], x.T)
+
+
+def test_pool_falls_back_to_nibabel_when_a_file_does_not_fit_or_a_worker_dies(tmp_path):
+    if not reader.HAVE_MEMFD:
+        pytest.skip("no memfd: the reader uses threads here")
+    rng = np.random.default_rng(4)
+    files = [write_nifti(tmp_path / f"{i}.nii.gz", rng.random((128, 128, 4 + i)).astype(np.float32)) for i in range(4)]
+    def read_all(pool):
+        got = {}
+        for i, v in reader.open_source(files, None, 1, pool, "t"):
+            if v.array is not None:
+                assert np.array_equal(v.array, reader.read_voxels(files[i])[0])
+            got[i] = (v.array is None, v.reason)
+            v.release()
+        return got
+
+    with reader.ReaderPool(1, slot_bytes=128 * 128 * 5 * 4, slots=2) as pool:  # fits 5 slices, not 6 or 7
+        got = read_all(pool)
+        assert [got[i][0] for i in range(4)] == [False, False, True, True] and "do not fit" in got[2][1]
+        with pytest.raises(RuntimeError, match="held"):  # a caller keeping every slot is told, not left waiting
+            list(reader.open_source(files, None, 1, pool, "u"))
+    with reader.ReaderPool(2, slot_bytes=128 * 128 * 7 * 4, slots=3) as pool:
+        pool.procs[0].kill()
+        pool.procs[0].wait()
+        assert sorted(read_all(pool)) == [0, 1, 2, 3]
+    # the extraction reads whatever the pool gave back with nibabel: same features
+    f, g = job.extract(files, Pixels(), "ref", depth=None, workers=1)
+    ef, eg = _expected(files, "ref", "axial", None)
+    np.testing.assert_allclose(f, ef, rtol=1e-6, atol=1e-6)
+
+
+def test_reader_worker_starts_without_numpy():
+    """Workers import the reader module and the standard library only (~0.05 s, numpy alone is ~0.2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medgen_cli.metrics.reader; "
+            "print([m for m in ('numpy', 'torch', 'nibabel') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=reader._worker_env())
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_reader_path_and_graphs(tmp_path, monkeypatch):
+    """On CUDA: the device-side path equals nibabel + CPU (pixels), and graph replay equals the eager forward."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from medgen_cli.metrics import features, nets
+
+    class CudaPixels(Pixels):
+        device = torch.device("cuda")
+
+        def __call__(self, x):
+            return super().__call__(x.to(self.device))
+
+    rng = np.random.default_rng(7)
+    files = [write_nifti(tmp_path / f"{i}.nii.gz", rng.random((40, 36, 12)).astype(np.float32) * 2) for i in range(3)]
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(rng.integers(0, 65535, (40, 36, 9)).astype(np.uint16), np.eye(4)), tmp_path / "u.nii.gz")
+    files.append(tmp_path / "u.nii.gz")
+    for role, planes in (("ref", "tri"), ("gen", "axial")):
+        f, g = job.extract(files, CudaPixels(), role, planes, 10, workers=2, batch=5)
+        ef, eg = _expected(files, role, planes, 10)
+        assert (g == eg).all()
+        np.testing.assert_allclose(f, ef, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    ck = tmp_path / "torch" / "hub" / "checkpoints"
+    ck.mkdir(parents=True)
+    torch.save(nets.ResNet50().state_dict(), ck / features.RESNET50_FILE)
+    ext = features.load("resnet50-imagenet", device="cuda")
+    eager, _ = job.extract(files, ext, "ref", "tri", 10, workers=2, graph=False)
+    graphed, _ = job.extract(files, ext, "ref", "tri", 10, workers=2, graph=True)
+    assert not ext.graph_info.get("off"), ext.graph_info
+    assert len(ext.graph_info["checks"]) >= 2  # axial and side stacks have their own graphs
+    np.testing.assert_allclose(graphed, eager, rtol=1e-3, atol=1e-3 * (1 + np.abs(eager).max()))

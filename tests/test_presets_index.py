@@ -38,7 +38,7 @@ SECTION_A = {
     "exp16_bs32": U2, "exp17_1_droppath": None, "exp17_2_droppath": None, "exp17_3_droppath": None,
     "exp18_1_sda": U2, "exp19_1_constant_lr": U2, "exp20_1_grad_noise": U2, "exp21_1_curriculum": U2,
     "exp22_1_timestep_jitter": U2, "exp23_1_noise_aug": U2, "exp24_1_feature_perturb": U2,
-    "exp26_regional_weight": U2, "exp27_plateau": U2,
+    "exp25_1_self_cond": U2, "exp26_regional_weight": U2, "exp27_plateau": U2,
 }
 SECTION_B = {
     "exp1": U3, "exp1_1": U3, "exp1_chained": U3, "exp2": None, "exp2_1": None, "exp2b": U3, "exp2b_1": U3,
@@ -46,14 +46,11 @@ SECTION_B = {
     "exp11": 1.424e9, "exp11_1": 1.424e9, "exp12": 1.424e9, "exp12_1": 1.424e9, "exp12_2": 74.2e6,
     "exp12_3": 76.8e6, "exp12_4": 76.8e6, "exp14_1": U3,
 }
-# Covered by other parts of issue 5 in progress (ControlNet): when indexed, the preset must validate and build.
-IN_PROGRESS = {"exp6a": "ControlNet two-stage training (stage 1 unconditional 1 -> 1)"}
+# ControlNet two-stage training (stage 1 unconditional 1 -> 1): indexed, validated and built like the rest.
+CONTROLNET = {"exp6a": "ControlNet two-stage training (stage 1 unconditional 1 -> 1)"}
 # Variants that must be indexed besides the plain id.
 VARIANTS = {("3d-diffusion", "exp4"): "exp4_1 (noise shift 0.05)", ("3d-diffusion", "exp7"): "2000 epochs"}
 NOT_COVERED = {
-    "exp25_1_self_cond": "the reference's 'self-conditioning via consistency' is a no-op for a deterministic UNet; "
-                         "train.self_conditioning='consistency' fails validation with that reason "
-                         "(presets/refused/2d-pixel-128-selfcond-consistency.toml)",
     "exp9": "latent-space LDM: comes with the compression models", "exp9_0": "latent-space LDM",
     "exp9_1": "latent-space LDM", "exp10_1": "DC-AE latent + DiT", "exp10_2": "DC-AE latent (crashed config)",
     "exp10_3": "DC-AE latent (crashed config)", "exp13": "DiT on the VQ-VAE latent",
@@ -92,18 +89,16 @@ def test_id_list_matches_the_reference_document():
     if ref is None:
         pytest.skip("reference/EXPERIMENTS.md not beside the checkout; the list in this test is used")
     text = ref.read_text()
-    assert set(_doc_ids(text, "A")) == set(SECTION_A) | {"exp25_1_self_cond"}
-    assert set(_doc_ids(text, "B")) == set(SECTION_B) | set(IN_PROGRESS) | (set(NOT_COVERED) - {"exp25_1_self_cond"})
+    assert set(_doc_ids(text, "A")) == set(SECTION_A)
+    assert set(_doc_ids(text, "B")) == set(SECTION_B) | set(CONTROLNET) | set(NOT_COVERED)
 
 
 @pytest.mark.parametrize("domain, eid", [("2d-diffusion", i) for i in SECTION_A] + [("3d-diffusion", i) for i in SECTION_B]
-                         + [("3d-diffusion", i) for i in IN_PROGRESS])
+                         + [("3d-diffusion", i) for i in CONTROLNET])
 def test_every_experiment_has_a_preset_that_builds_with_the_documented_size(domain, eid):
     from medgen_cli.jobs.build import count_parameters
 
     entries = [e for e in _index() if e["domain"] == domain and e["id"] == eid]
-    if eid in IN_PROGRESS and not entries:
-        pytest.skip(f"{eid}: {IN_PROGRESS[eid]} not indexed yet")
     assert entries, f"{eid} has no preset in presets/INDEX.toml"
     if (domain, eid) in VARIANTS:
         assert any(VARIANTS[(domain, eid)] == e["variant"] for e in entries)
@@ -118,11 +113,16 @@ def test_every_experiment_has_a_preset_that_builds_with_the_documented_size(doma
             assert abs(n / want - 1) < 0.02, f"{e['preset']}: {n / 1e6:.2f}M vs {want / 1e6:.1f}M"
 
 
-def test_not_covered_ids_are_not_indexed_and_exp25_1_is_refused_with_its_reason():
+def test_not_covered_ids_are_not_indexed_and_exp25_1_consistency_is_refused_with_its_reason():
     from medgen_cli.errors import ConfigError
 
     indexed = {e["id"] for e in _index() if e["domain"] in ("2d-diffusion", "3d-diffusion")}
     assert not set(NOT_COVERED) & indexed, set(NOT_COVERED) & indexed
     with pytest.raises(ConfigError) as err:
         load(str(Path(__file__).resolve().parents[1] / "presets" / "refused" / "2d-pixel-128-selfcond-consistency.toml"))
-    assert "deterministic UNet" in "\n".join(err.value.lines())
+    text = "\n".join(err.value.lines())
+    assert "deterministic UNet" in text and 'self_conditioning = "x0"' in text  # points to the intended option
+    # the shipped exp25_1 preset runs the intended mechanism
+    (entry,) = [e for e in _index() if e["id"] == "exp25_1_self_cond"]
+    p = load(entry["preset"]).preset
+    assert p.train.self_conditioning == "x0" and p.train.self_conditioning_prob == 0.5 and entry.get("note")

@@ -150,3 +150,22 @@ def test_solver_sweep_with_fid_against_a_split(cli, runs, phantom_root, tmp_path
     recs = _recs(r.out)
     assert [x["name"] for x in recs] == ["fid"] and recs[0]["extractor"] == "resnet50-imagenet"
     assert recs[0]["value"] >= 0 and recs[0]["weights_sha256"] and (out / "nfe-fid.png").is_file()
+
+
+def test_compile_with_diffrs_is_refused(cli, runs, tmp_path):
+    r = cli("sample", "--run", runs["bravo"], "--out", tmp_path / "s", "--compile", "--diffrs", runs["bravo"])
+    assert r.code == 2 and "--compile" in r.err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_compiled_sampling_matches_eager_on_cpu(cli, runs, tmp_path):
+    """`--compile` off CUDA compiles in fp32 (engine/fastpath.py): the same samples within 1e-4."""
+    import nibabel as nib
+    import numpy as np
+
+    for name, flag in (("eager", "--no-compile"), ("fast", "--compile")):
+        r = cli("sample", "--run", runs["bravo"], "--out", tmp_path / name, "--n", 2, "--steps", 3, flag)
+        assert r.code == 0, r.err
+    for i in ("00000", "00001"):
+        a, b = (nib.load(str(tmp_path / d / i / "bravo.nii.gz")).get_fdata() for d in ("eager", "fast"))
+        assert np.abs(a - b).max() < 1e-4

@@ -1,4 +1,4 @@
-"""ScoreAug, SDA, regional weighting, bf16 loss, torch.compile (issue 5): each transform acts identically on
+"""ScoreAug, SDA, regional weighting, bf16 loss, torch.compile: each transform acts identically on
 input and target, patterns and omega are as documented, draws are keyed per step, options change training."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every mode, backbone and space trains a step, checkpoints, resumes to a second step and samples.
 
-One grouped matrix (issue 5's smoke run), toy sizes, 2D and 3D. Mode-specific behaviour is tested
+One grouped matrix (the presets issue's smoke run), toy sizes, 2D and 3D. Mode-specific behaviour is tested
 in test_modes.py, test_models_dit.py, test_spaces.py; this only proves the whole path holds together.
 """
 

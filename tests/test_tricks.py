@@ -49,7 +49,7 @@ OPTIONS = {
     "feature-perturbation": ["train.feature_perturbation=0.1"],
     "sam": ["train.sam={rho=0.05}"],
     "asam": ["train.sam={rho=0.5, adaptive=true}"],
-    # --- scoreaug/sda (issue 5); compat-dependent cases are in tests/test_scoreaug.py ---
+    # --- scoreaug/sda; compat-dependent cases are in tests/test_scoreaug.py ---
     "scoreaug": ['train.scoreaug={mode="compose", compose_prob=1.0, omega=false}'],
     "sda": ["train.sda={prob=1.0}"],
     "regional-weighting": ["train.regional_weighting={}"],

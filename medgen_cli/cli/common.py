@@ -43,11 +43,24 @@ def emit(record: dict, human: str | None, as_json: bool) -> None:
         sys.stdout.flush()
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (not the one at set-up), so
+    in-process runs (tests, notebooks) that swap stderr still see the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     log = logging.getLogger("medgen")
     if log.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -82,7 +82,8 @@ CiNOpt = Annotated[int, typer.Option("--ci-replicates", help="Bootstrap replicat
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="bf16 | fp32 (default: bf16 on CUDA).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write cached reference features.")]
 ModalityOpt = Annotated[str, typer.Option("--modality", help="Modality file evaluated (bravo).")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Reader processes (default: CPUs, ≤16).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", help="Reader processes (default: one per CPU but one, ≤16; 0: read in the main process).")]
 
 
 def _dist(name: str):

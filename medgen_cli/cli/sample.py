@@ -61,6 +61,9 @@ def sample(
         "--diffrs-warmup", help="DiffRS: warm-up trajectories for the thresholds (10).")] = None,
     diffrs_max_iter: Annotated[Optional[int], typer.Option(
         "--diffrs-max-iter", help="DiffRS: NFE budget of a trajectory before re-initialisation (8 x steps).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="Fast path: bf16 weights, channels-last, torch.compile, CUDA graphs "
+                                       "(first batch compiles: ~15-60 s).")] = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
     as_json: JsonOpt = False,
@@ -73,7 +76,8 @@ def sample(
             "cfg": cfg, "cfg_end": cfg_end, "restart": restart, "state_dtype": state_dtype,
             "max_retries": max_retries, "max_tumour_fraction": max_tumour_fraction, "bins": bins,
             "modality": modality, "diffrs": diffrs, "diffrs_backsteps": diffrs_backsteps,
-            "diffrs_gamma": diffrs_gamma, "diffrs_warmup": diffrs_warmup, "diffrs_max_iter": diffrs_max_iter}
+            "diffrs_gamma": diffrs_gamma, "diffrs_warmup": diffrs_warmup, "diffrs_max_iter": diffrs_max_iter,
+            "compile": compile_}
     pair = None
     if paired:
         pair = {"mask_run": mask_run, "mask_steps": mask_steps, "atlas": atlas, "out_split": out_split}

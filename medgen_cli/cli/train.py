@@ -21,6 +21,12 @@ def train(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training length in epochs.")] = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
+    nodes: Annotated[Optional[int], typer.Option(
+        "--nodes", help="With --dry-run: print torchrun and SLURM launch lines for this many nodes.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(
+        "--gpus-per-node", help="With --dry-run: GPUs (processes) per node for the launch lines and the plan.")] = None,
+    gpu_mem: Annotated[Optional[str], typer.Option(
+        "--gpu-mem", help="With --dry-run: plan memory for a GPU of this size (e.g. 80GiB; default this GPU).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a diffusion model from a preset; checkpoints land in the run folder."""
@@ -28,7 +34,7 @@ def train(
 
     flags = {"data.root": str(data) if data else None, "train.max_steps": max_steps,
              "train.epochs": epochs, "train.device": device}
-    for rec, human in job.run(preset, set_ or [], flags, run_dir, resume, dry_run):
+    for rec, human in job.run(preset, set_ or [], flags, run_dir, resume, dry_run, nodes, gpus_per_node, gpu_mem):
         emit(rec, human, as_json)
 
 

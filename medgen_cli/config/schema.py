@@ -172,6 +172,10 @@ class ScoreAugConfig(Strict):
     brightness: Optional[float] = Field(None, gt=1)  # B: scale the image by s in [1/B, B] (exp9_2: 1.2)
     compose_prob: float = Field(0.5, gt=0, le=1)  # compose: probability of each transform
     omega: bool = True  # feed the 36-d omega encoding to the time embedding (zero-init MLP)
+    # multi mode: the noisy image channels are scaled by the sample's modality factor (bravo 0.85, flair 1.15,
+    # t1_pre 0.92, t1_gd 1.08) in every network call (training, validation, sampling), the target is not, and
+    # omega dims 32-35 carry the modality one-hot: the network must use the modality to predict (SYSTEM.md §5)
+    mode_intensity: bool = False
 
     @model_validator(mode="after")
     def _something_enabled(self):
@@ -241,17 +245,29 @@ class TrainConfig(Strict):
     sda: Optional[SDAConfig] = None
     regional_weighting: Optional[RegionalWeightConfig] = None  # bravo/dual/multi: from the mask; seg modes: target
     compile: bool = False  # torch.compile the network for training
-    # The reference's "self-conditioning via consistency" (a second no-grad forward on the identical input,
-    # + weight x MSE to it) is a no-op for a deterministic UNet; it is refused, never silently run.
-    self_conditioning: Optional[Literal["consistency"]] = None
+    # Several processes (torchrun): "ddp" replicates the model; "fsdp" shards parameters, gradients, AdamW
+    # state and EMA (FSDP2, engine/parallel.py); "auto" = FSDP above 1e9 parameters, else DDP. One process: no
+    # wrapper ("fsdp" is refused there).
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"; engine/selfcond.py): "x0" gives the network as many
+    # extra input channels as the image has, holding the previous clean estimate x̂0 (zeros when absent).
+    # Training: per sample with p = self_conditioning_prob (keyed by seed, step, sample) a no-grad forward
+    # with zeros gives x̂0, detached and fed to the real forward; otherwise zeros. Sampling: each network
+    # evaluation receives the previous evaluation's x̂0 (zeros first). The reference's "consistency" variant
+    # (a second no-grad forward on the identical input, + weight x MSE to it) is a no-op for a deterministic
+    # UNet; it is refused, never silently run. (DDPM ε-prediction: x̂0 near t = T is unbounded unless
+    # diffusion.clip_sample.)
+    self_conditioning: Optional[Literal["x0", "consistency"]] = None
+    self_conditioning_prob: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _refuse_consistency(self):
         if self.self_conditioning == "consistency":
             raise ValueError("self_conditioning='consistency' (reference exp25_1) compares the network with a "
                              "second no-grad forward on the identical input: for a deterministic UNet the term "
-                             "is ~0, so it would be a silently ignored option; medgen refuses it "
-                             "(Chen et al. self-conditioning on the previous x0 estimate is not implemented)")
+                             "is ~0, so it would be a silently ignored option; medgen refuses it. Use "
+                             "self_conditioning = \"x0\" (Chen et al.: the previous x0 estimate as extra input "
+                             "channels; preset 2d-pixel-128-selfcond)")
         return self
 
 
@@ -273,6 +289,7 @@ class SampleConfig(Strict):
     which: str = "best"
     max_tumour_fraction: float = Field(0.04, gt=0, le=1)  # paired: reject masks with a slice above this
     max_retries: int = Field(10, ge=0)  # paired: redraws of a rejected generated mask
+    compile: bool = False  # fast path (engine/fastpath.py): bf16 weights, channels-last, torch.compile, CUDA graphs
 
     @model_validator(mode="after")
     def _grid_ratio(self):
@@ -315,6 +332,18 @@ class CompatConfig(Strict):
     sda_untransformed_condition: bool = False  # SDA: the mask is not transformed with the image
     sda_shift_clamp_bug: bool = False  # SDA: t·T + δ clamped to [0, 1], i.e. every augmented sample at t ≈ 1/T
     bf16_loss: bool = False  # MSE computed in bfloat16 (exp2_bf16mse: use_fp32_loss=false)
+    # --- size-bin spacing, mixed multi batches, perceptual validation loss ---
+    # Size bins with the spacing the reference's 3D modes hard-coded, (D, H, W) = (1.0, 0.9375, 0.9375) mm,
+    # whatever the image size; at 128 px the true in-plane spacing is 1.875 mm, so tumours land in smaller
+    # bins (3D exp2 / exp2b / exp2c). Off: the true geometry (data.spacing or the header, resized).
+    reference_bin_spacing: bool = False
+    # multi mode: batches mix modalities and the whole batch takes the first sample's modality id, as before
+    # the reference's January-2026 homogeneous-batch fix (exp10_1-exp10_3, launched 2025-12-26/27).
+    first_mode_batches: bool = False
+    # Validation loss = MSE + 0.001 x RadImageNet-ResNet50 perceptual distance of the one-step x̂0 (2D runs
+    # launched before 2026-01-18). Needs RadImageNet-ResNet50_notop.pth ($MEDGEN_WEIGHTS_RADIMAGENET_RESNET50,
+    # $MEDGEN_WEIGHTS_DIR or the torch hub checkpoints folder); without it training warns and logs the plain MSE.
+    val_perceptual: bool = False
 
 
 class SpaceStats(Strict):
@@ -413,7 +442,7 @@ class Preset(Strict):
     compat: CompatConfig = CompatConfig()
     space: SpaceConfig = SpaceConfig()
     conditioning: ConditioningConfig = ConditioningConfig()
-    controlnet: ControlNetConfig = ControlNetConfig()  # issue 5
+    controlnet: ControlNetConfig = ControlNetConfig()
     diffrs: DiffRSConfig = DiffRSConfig()  # issue 4
 
     @model_validator(mode="after")
@@ -501,6 +530,32 @@ class Preset(Strict):
             raise ValueError("compat.sda_* options need train.sda")
         if c.scoreaug_identity_flag and (t.scoreaug is None or not t.scoreaug.omega):
             raise ValueError("compat.scoreaug_identity_flag needs train.scoreaug with omega = true")
+        return self
+
+    # --- self-conditioning, ScoreAug mode intensity, compat options ---
+    @model_validator(mode="after")
+    def _reproduction_options_fit(self):
+        t, c, mode = self.train, self.compat, self.data.mode
+        if t.self_conditioning == "x0" and self.diffrs.enabled:
+            raise ValueError("train.self_conditioning does not combine with diffrs (the DiffRS head reads the "
+                             "network without the x0 estimate channels)")
+        sa = t.scoreaug
+        if sa is not None and sa.mode_intensity:
+            if mode != "multi":
+                raise ValueError(f"train.scoreaug.mode_intensity scales by the modality: it needs data.mode = "
+                                 f"'multi', not {mode!r}")
+            if not sa.omega:
+                raise ValueError("train.scoreaug.mode_intensity needs omega = true (omega dims 32-35 carry the "
+                                 "modality)")
+            if sa.brightness:
+                raise ValueError("train.scoreaug.mode_intensity and brightness share omega dims 32-35; choose one")
+        if c.reference_bin_spacing and mode not in ("seg_conditioned", "seg_conditioned_input"):
+            raise ValueError("compat.reference_bin_spacing changes size bins: it needs a size-bin mode "
+                             f"(seg_conditioned or seg_conditioned_input), not {mode!r}")
+        if c.first_mode_batches and mode != "multi":
+            raise ValueError(f"compat.first_mode_batches applies to data.mode = 'multi', not {mode!r}")
+        if c.val_perceptual and self.data.dims != 2:
+            raise ValueError("compat.val_perceptual reproduces 2D runs (every 3D run post-dates it); use dims = 2")
         return self
 
     # Channel layout of each mode: (image channels, condition channels). Vector conditions (size bins,

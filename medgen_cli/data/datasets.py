@@ -13,7 +13,8 @@ Modes (SYSTEM.md §3; image channels | condition channels):
   modality × slice) and ``groups()`` lists the items of each modality id for homogeneous batches.
 - ``seg_conditioned`` / ``seg_conditioned_input``: seg | 7 constant maps, bin k filled with
   count_k / max_count (SYSTEM.md §1 size bins: exact Feret, face connectivity, spacing from the
-  header or ``spacing``). The input variant feeds the maps to the network; the FiLM variant's model
+  header or ``spacing``, resized with the image; ``bin_spacing`` fixes it, as the reference's 3D modes
+  did). The input variant feeds the maps to the network; the FiLM variant's model
   reads them back as a vector (models/conditioning.py).
 
 Vector conditions travel as constant maps so that every consumer (collate, condition dropout, CFG's
@@ -162,11 +163,13 @@ def _mask_bins(mask: np.ndarray, spacing_xyz, max_count: int, sampled: bool) -> 
 class _ModeItems:
     """What SliceDataset and VolumeDataset share: the condition of an item from its arrays."""
 
-    def _init_mode(self, mode, spacing, max_count, sampled_feret):
+    def _init_mode(self, mode, spacing, max_count, sampled_feret, bin_spacing=None):
         self.mode = mode
         self.modalities = _check_mode(mode)
         self.spacing_override = tuple(spacing) if spacing is not None else None
         self.max_count, self.sampled_feret = int(max_count), bool(sampled_feret)
+        # compat.reference_bin_spacing: a fixed (x, y, z) mm for size bins, not resized with the image
+        self.bin_spacing = tuple(float(v) for v in bin_spacing) if bin_spacing is not None else None
 
     def _spacing_for(self, pdir: Path, image_size) -> tuple[float, float, float]:
         if self.spacing_override is None:
@@ -209,7 +212,7 @@ class _ModeItems:
         cache = self.__dict__.setdefault("_bin_cache", {})
         if key is not None and key in cache:
             return cache[key]
-        bins = _mask_bins(mask, spacing, self.max_count, self.sampled_feret)
+        bins = _mask_bins(mask, self.bin_spacing or spacing, self.max_count, self.sampled_feret)
         if key is not None:
             cache[key] = bins
         return bins
@@ -223,13 +226,14 @@ class SliceDataset(_ModeItems, Dataset):
     (~2 GB) or the 3D dataset for lower memory.
 
     ``augment`` ("none" | "static" | "dynamic", data/augment.py) is keyed by ``seed``; ``set_epoch``
-    selects the epoch of dynamic draws. ``spacing`` (x, y, z) mm overrides the header for size bins.
+    selects the epoch of dynamic draws. ``spacing`` (x, y, z) mm overrides the header for size bins;
+    ``bin_spacing`` (x, y, z) mm is used for size bins as it is, not resized (``compat.reference_bin_spacing``).
     """
 
     def __init__(self, root, split: str, mode: str, image_size=None, normalization: str = "minmax", cache_dir=None,
                  augment: str = "none", seed: int = 0, spacing=None, max_count: int = 10,
-                 sampled_feret: bool = False):
-        self._init_mode(mode, spacing, max_count, sampled_feret)
+                 sampled_feret: bool = False, bin_spacing=None):
+        self._init_mode(mode, spacing, max_count, sampled_feret, bin_spacing)
         self.image_size = image_size
         self.patient_dirs = layout.patients(root, split)
         self.split_folder = Path(root) if split == "all" else layout.split_dir(root, split)
@@ -301,8 +305,8 @@ class VolumeDataset(_ModeItems, Dataset):
 
     def __init__(self, root, split: str, mode: str, image_size=None, normalization: str = "minmax",
                  pad_depth_to: int | None = 160, pad_mode: str = "replicate", cache_dir=None, spacing=None,
-                 max_count: int = 10, sampled_feret: bool = False):
-        self._init_mode(mode, spacing, max_count, sampled_feret)
+                 max_count: int = 10, sampled_feret: bool = False, bin_spacing=None):
+        self._init_mode(mode, spacing, max_count, sampled_feret, bin_spacing)
         self.image_size, self.normalization = image_size, normalization
         self.pad_depth_to, self.pad_mode, self.cache_dir = pad_depth_to, pad_mode, cache_dir
         if pad_mode not in preprocess.PAD_MODES:

@@ -529,3 +529,6 @@ def check_plan(preset, sc) -> None:
     if preset.model.kind != "unet" or preset.vector_channels() or preset.controlnet.stage \
             or preset.space.kind != "pixel":
         raise UsageError("DiffRS needs a plain UNet in pixel space", "--diffrs", "sample without --diffrs")
+    if preset.train.self_conditioning == "x0":
+        raise UsageError("DiffRS does not support self-conditioned models (its head reads the network without the "
+                         "x0 estimate channels)", "--diffrs", "sample without --diffrs")

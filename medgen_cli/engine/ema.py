@@ -26,12 +26,16 @@ class EMA:
         if step < self.start_step or (step - self.start_step) % self.every:
             return
         d = self.current_decay()
+        shadow, live = [], []
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if v.dtype.is_floating_point:
-                s.lerp_(v.detach().to(s.dtype), 1.0 - d)
+                shadow.append(s)
+                live.append(v.detach().to(s.dtype))
             else:
                 s.copy_(v)
+        if shadow:  # one multi-tensor kernel instead of one launch per tensor
+            torch._foreach_lerp_(shadow, live, 1.0 - d)
         self.updates += 1
 
     def state(self) -> dict:

@@ -12,6 +12,15 @@ Batch independence. Fixed-step solvers, DDIM and Restart treat every sample alon
 GroupNorm, per-sample keyed draws), so a sample does not depend on the batch it is in. Adaptive
 solvers choose one step size for the whole tensor they integrate, so they integrate each sample
 separately (and report its own NFE).
+
+Self-conditioning (``train.self_conditioning = "x0"``; models/selfcond.py). ``CountingNet`` keeps the
+x̂0 of each evaluation (per row: rflow x_t + t·v̂, DDPM from ε or x₀, at the network's time
+model_time/T) and passes it to the next evaluation as ``x0_prev`` (zeros at the first evaluation of a
+``sample_batch`` call). So every solver — fixed-step (including intermediate stages), adaptive (every
+stage torchdiffeq evaluates, accepted or not), Restart (across its re-noisings) and DDIM — feeds the
+previous evaluation's estimate. With guidance the batched pair keeps one estimate per branch (the
+conditional rows their own, the unconditional rows theirs). The state is per row, so samples stay
+independent of the batch they are in.
 """
 
 from __future__ import annotations
@@ -27,17 +36,29 @@ STREAM_RESTART = 0x52455354  # keyed draws of Restart's re-noising: (seed, STREA
 
 @dataclass
 class CountingNet:
-    """Calls `net(cat[x, cond], model_time)` and counts evaluations (one per batched call)."""
+    """Calls `net(cat[x, cond], model_time)` and counts evaluations (one per batched call). With
+    ``strategy`` set (a self-conditioned network) each call passes the previous call's x̂0 (module docstring)."""
 
     net: nn.Module
     cond: torch.Tensor  # (B, C_cond, ...) possibly with 0 channels
     nfe: int = 0
+    strategy: object = None  # self-conditioning: turns each prediction into the next call's x̂0
+    sc_channels: int = 0  # self-conditioning: x̂0 channels of the network
+    x0_prev: torch.Tensor | None = None  # (rows, C_img, ...) the last evaluation's x̂0
 
     def __call__(self, x: torch.Tensor, model_t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.nfe += 1
         c = self.cond if cond is None else cond
         inp = torch.cat([x.float(), c.to(x.device, torch.float32)], dim=1)  # (B, C_img + C_cond, ...)
-        return self.net(inp, model_t)
+        if self.strategy is None:
+            return self.net(inp, model_t)
+        prev = self.x0_prev
+        if prev is None or prev.shape[0] != x.shape[0]:  # first evaluation: zeros (one call signature)
+            prev = inp.new_zeros((x.shape[0], self.sc_channels, *x.shape[2:]))
+        out = self.net(inp, model_t, x0_prev=prev)
+        t = model_t.float().reshape(-1).expand(x.shape[0]) / self.strategy.T
+        self.x0_prev = self.strategy.x0_from(x.float(), out.float(), t).detach()
+        return out
 
 
 @dataclass
@@ -171,9 +192,12 @@ def sample_batch(net: nn.Module, strategy, noise: torch.Tensor, cond: torch.Tens
     groups = [[i] for i in range(len(keys))] if plan.solver in ADAPTIVE else [list(range(len(keys)))]
     g = plan.guidance if plan.guidance is not None and plan.guidance.active else None
     outs, nfes = [], []
+    from ..models.selfcond import channels
+
+    n_sc = channels(net)  # self-conditioning: each call feeds the next its x̂0
     with autocast or contextlib.nullcontext():
         for idx in groups:
-            counted = CountingNet(net, cond[idx])
+            counted = CountingNet(net, cond[idx], strategy=strategy if n_sc else None, sc_channels=n_sc)
             net_fn = counted if g is None else GuidedNet(counted, g, torch.zeros_like(cond[idx]), strategy.T)
             outs.append(_integrate(strategy, net_fn, x0[idx], plan, [keys[i] for i in idx]))
             nfes += [counted.nfe] * len(idx)

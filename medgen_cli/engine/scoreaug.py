@@ -25,9 +25,11 @@ p 0.5 when B is set).
 Omega encoding (36-d, ``Op.encode``): 0–3 active flags (spatial, translation, cutout, pattern); 4–9
 spatial type one-hot (2D rot90, rot180, rot270, hflip, vflip, rot·hflip; 3D rot90, rot180, rot270,
 flip W, flip H, flip D); 10 k/3; 11–13 translation as fractions of the size ((x, y, 0) in 2D, (d, h, w)
-in 3D); 14–15 cutout size (h, w fractions); 16–31 pattern one-hot; 32 log brightness factor (SYSTEM.md
-lists no brightness dimension: the reference's dims 32–35 are a modality one-hot for mode intensity
-scaling, which medgen does not implement, so dim 32 carries log s and 33–35 stay 0). Identity, and
+in 3D); 14–15 cutout size (h, w fractions); 16–31 pattern one-hot; 32–35 the modality one-hot under mode
+intensity scaling (``mode_intensity``, multi mode: the network wrapper scales the noisy image by the
+modality's factor and fills these dims, models/conditioning.py ``OmegaConditioned``), otherwise dim 32
+carries the log brightness factor (SYSTEM.md lists no brightness dimension; the two options exclude each
+other) and 33–35 stay 0. Identity, and
 generation, encode to all zeros — distinct from every transform. ``compat.scoreaug_identity_flag``
 reproduces the reference at the document date: identity/generation = dim 0 set to 1, which collides
 with the "spatial active" flag (the "augmentation leakage" of 3D exp23).

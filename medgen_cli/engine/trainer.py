@@ -25,6 +25,7 @@ from ..runtime import World, any_rank, autocast, broadcast_float, keyed_generato
 from . import tricks
 from .ema import EMA
 from .logbook import Logbook
+from .parallel import Parallel
 from .schedule import lr_at
 
 log = logging.getLogger("medgen")
@@ -34,6 +35,8 @@ log = logging.getLogger("medgen")
  STREAM_JITTER, STREAM_GRAD_NOISE, STREAM_FEATURES) = range(1, 11)
 # --- modes & conditioning: condition dropout, whole-batch vector dropout, grouped batches ---
 STREAM_COND_DROP, STREAM_VECTOR_DROP, STREAM_GROUPS = 11, 12, 13
+STREAM_SELFCOND = 14  # self-conditioning: which samples get the x̂0 estimate (engine/selfcond.py)
+VAL_PERCEPTUAL_WEIGHT = 0.001  # compat.val_perceptual: the reference's perceptual weight in its "total"
 
 
 @dataclass
@@ -61,7 +64,11 @@ def loss_at(model, strategy, image, cond, t, noise, weight=None):
 
 
 def diffusion_loss(model, strategy, image, cond, u, noise):
-    """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t)."""
+    """One forward pass on keyed draws; returns (fp32 loss, prediction, x_t, t). A self-conditioned
+    network gets its own x̂0 estimate (engine/selfcond.py: validation and one-step evaluation)."""
+    from .selfcond import wrap_all
+
+    model = wrap_all(model, strategy)
     t = strategy.times_from_uniform(u)  # (B,)
     loss, pred, x_t, _ = loss_at(model, strategy, image, cond, t, noise)
     return loss, pred, x_t, t
@@ -77,16 +84,17 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.batch_size} does not split over {world.size} processes",
                               "train.batch_size", "use a global batch size divisible by the number of GPUs")
         self.local_batch = cfg.batch_size // world.size
-        self.net = self.model  # what the training step calls: the DDP wrapper when data-parallel
-        if world.size > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        if getattr(cfg, "compile", False) and device.type == "cuda":
+            from .fastpath import to_channels_last  # compiled convolutions run fastest channels-last
 
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            to_channels_last(self.model)
+        # What the training step calls: the DDP wrapper, or the model sharded in place by FSDP (engine/parallel.py)
+        self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"))
+        self.net = self.parallel.wrap(self.model)
         self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
         self.config_json, self.num_workers = config_json, num_workers
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                     weight_decay=cfg.weight_decay)
+                                     weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         e = cfg.ema
         self.ema = EMA(self.model, e.decay, e.start_step, e.every) if e.enabled else None
         self.state = State()
@@ -107,6 +115,7 @@ class Trainer:
         self.min_snr_unsquared = min_snr_unsquared
         # --- scoreaug/sda: ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
         self.extras = tricks.LossExtras.from_config(cfg, config_json, self.model)
+        self._compat(config_json)  # compat.first_mode_batches, compat.val_perceptual
         if getattr(cfg, "compile", False):
             self.net = torch.compile(self.net)
 
@@ -147,6 +156,8 @@ class Trainer:
         condition CFG's unconditional branch uses; then the model's ``vector_dropout`` (mode strategy
         "dropout") zeroes the whole batch's vector channels with one draw keyed by (seed, step)."""
         cfg, s, b = self.cfg, self.state.step, cond.shape[0]
+        if getattr(self, "first_mode_batches", False):
+            cond = self._first_mode(cond, getattr(self, "_batch_first", None))
         if cfg.cond_dropout and cond.shape[1]:
             u = rand_keyed(self._keys(STREAM_COND_DROP, s, b), self.device)  # (B,)
             keep = (u >= cfg.cond_dropout).to(cond.dtype).reshape(-1, *([1] * (cond.ndim - 1)))
@@ -160,13 +171,15 @@ class Trainer:
     def _batches(self, epoch: int):
         """The rest of this epoch's batches, from the saved position on, as (image, cond) on device."""
         lo = self.world.rank * self.local_batch  # this rank's share of each global batch
-        chunks = [batch[lo:lo + self.local_batch] for batch in self._epoch_batches(epoch)[self.state.pos:]]
+        batches = self._epoch_batches(epoch)[self.state.pos:]
+        chunks = [batch[lo:lo + self.local_batch] for batch in batches]
         if hasattr(self.train_ds, "set_epoch"):  # dynamic augmentation draws from (seed, epoch, index)
             self.train_ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=chunks, collate_fn=collate,
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for image, cond in loader:
+        for batch, (image, cond) in zip(batches, loader):
+            self._batch_first = batch[0]  # compat.first_mode_batches: the global batch's first item
             yield image.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
 
     # ---- one optimizer step -----------------------------------------------------------------
@@ -202,12 +215,60 @@ class Trainer:
             weight = tricks.min_snr_weight(self.strategy, t, cfg.min_snr_gamma, self.min_snr_unsquared)
         if self.features:
             self.features.generator.manual_seed(keyed_seed(cfg.seed, STREAM_FEATURES, s, self.world.rank))
+        net = self._self_cond(self.net, image.shape[0])  # self-conditioning (engine/selfcond.py)
         with autocast(self.device, cfg.precision):
             # --- scoreaug/sda ---
             if self.extras is not None:
-                return self.extras.loss(self.net, self.strategy, image, cond, t, noise, weight, s)
-            loss, *_ = loss_at(self.net, self.strategy, image, cond, t, noise, weight)
+                return self.extras.loss(net, self.strategy, image, cond, t, noise, weight, s)
+            loss, *_ = loss_at(net, self.strategy, image, cond, t, noise, weight)
         return loss
+
+    # --- self-conditioning, compat.first_mode_batches, compat.val_perceptual ----------------
+    def _self_cond(self, net, b: int):
+        """``net``, or the two-pass self-conditioning step over it (keyed per global sample)."""
+        from ..models.selfcond import channels
+
+        n = channels(self.model)
+        if not n:
+            return net
+        from .selfcond import SelfCondNet, picks
+
+        use, run = picks(self.cfg.seed, STREAM_SELFCOND, self.state.step, self.world.rank * b, b, self.world.size,
+                         self.cfg.self_conditioning_prob, self.device)
+        return SelfCondNet(net, self.strategy, n, use, run)
+
+    def _compat(self, config_json: str) -> None:
+        try:
+            compat = (json.loads(config_json or "{}") or {}).get("compat", {}) or {}
+        except ValueError:
+            compat = {}
+        self.first_mode_batches = bool(compat.get("first_mode_batches"))
+        if self.first_mode_batches:  # mixed-modality batches: one group, shuffled as a whole
+            n = len(self.train_ds)
+            self._groups = [list(range(n))]
+            self.steps_per_epoch = n // self.cfg.batch_size if n >= self.cfg.batch_size else 1
+        self.val_perceptual = bool(compat.get("val_perceptual"))
+        if self.val_perceptual:
+            from ..metrics.perceptual import radimagenet_path
+
+            try:
+                radimagenet_path()
+            except InputError:  # the quirk only changes a logged total: say so and train on
+                log.warning("warning: compat.val_perceptual: RadImageNet ResNet50 weights not found, so val_loss is "
+                            "the plain MSE, not the reference's MSE + 0.001 x perceptual; to reproduce it set "
+                            "$MEDGEN_WEIGHTS_RADIMAGENET_RESNET50=FILE (RadImageNet-ResNet50_notop.pth)")
+                self.val_perceptual = False
+
+    def _first_mode(self, cond: torch.Tensor, first_item) -> torch.Tensor:
+        """compat.first_mode_batches: every sample takes the modality maps (the trailing 4 channels) of the
+        batch's first item — the global batch's, from the dataset when it can tell, else this share's first."""
+        from ..data.datasets import MODE_IDS, mode_maps
+
+        if first_item is not None and hasattr(self.train_ds, "modality_of"):
+            maps = mode_maps(MODE_IDS[self.train_ds.modality_of(first_item)], cond.shape[2:]).to(cond)
+        else:
+            maps = cond[0, -4:]
+        return torch.cat([cond[:, :-4], maps.unsqueeze(0).expand(cond.shape[0], *maps.shape)], dim=1)
 
     def _step(self, image, cond) -> dict:
         cfg, s = self.cfg, self.state.step
@@ -246,7 +307,10 @@ class Trainer:
 
     # ---- validation -------------------------------------------------------------------------
     def eval_model(self) -> nn.Module:
-        """The weights validation and previews use: EMA when on, else the raw model."""
+        """The weights validation and previews use: EMA when on, else the raw model (FSDP: rank 0's
+        whole copy, gathered by ``self.parallel.gather_eval`` on every rank just before)."""
+        if self.parallel.eval_net is not None:
+            return self.parallel.eval_net
         if self.ema is None:
             return self.model
         if not hasattr(self, "_ema_model"):
@@ -263,12 +327,14 @@ class Trainer:
 
         model = self.eval_model().eval()
         n = len(self.val_ds) if self.cfg.val_max_items is None else min(len(self.val_ds), self.cfg.val_max_items)
-        losses, psnrs, bs = [], [], self.cfg.batch_size
+        losses, psnrs, percs, bs = [], [], [], self.cfg.batch_size
         for start in range(0, n, bs):
             idx = list(range(start, min(start + bs, n)))
             items = [self.val_ds[i] for i in idx]
             image = torch.stack([it["image"] for it in items]).to(self.device)
             cond = torch.stack([it["cond"] for it in items]).to(self.device)
+            if getattr(self, "first_mode_batches", False):  # the batch's first item's modality for all (compat)
+                cond = self._first_mode(cond, None)
             pixels = image
             image, cond = self._encode(image, cond)
             keys_t = [(self.cfg.seed, STREAM_VAL_T, i) for i in idx]
@@ -280,16 +346,22 @@ class Trainer:
             x0 = self._decode(self.strategy.x0_from(x_t.float(), pred.float(), t)).clamp(0, 1)
             losses.append(float(loss) * len(idx))
             psnrs.append(psnr(x0, pixels).sum().item())
-        return {"val_loss": sum(losses) / n, "val_psnr": sum(psnrs) / n}
+            if getattr(self, "val_perceptual", False):  # compat: reference "total" = MSE + 0.001 x perceptual
+                from ..metrics.perceptual import perceptual_radimagenet
+
+                percs.append(perceptual_radimagenet(x0, pixels).sum().item())
+        out = {"val_loss": sum(losses) / n, "val_psnr": sum(psnrs) / n}
+        if percs:
+            out = {**out, "val_mse": out["val_loss"], "val_perceptual": sum(percs) / n,
+                   "val_loss": out["val_loss"] + VAL_PERCEPTUAL_WEIGHT * sum(percs) / n}
+        return out
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path | None:
         self._saved_step = self.state.step
+        groups = self.parallel.full_groups(self.model, self.opt, self.ema)  # FSDP: every rank gathers
         if not self.world.main:
             return None
-        groups = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-        if self.ema is not None:
-            groups["ema"] = self.ema.shadow
         state = {**asdict(self.state), "ema": self.ema.state() if self.ema else None, "seed": self.cfg.seed,
                  "spike": self.spike.state if self.spike else None,
                  "plateau": self.plateau.state if self.plateau else None}
@@ -303,15 +375,18 @@ class Trainer:
         return step_dir
 
     def resume(self, step_dir: Path) -> None:
-        model_sd = ckpt.load_group(step_dir, "model")
-        self.model.load_state_dict(model_sd)
+        self.parallel.load_model(self.model, ckpt.load_group(step_dir, "model"))  # FSDP: this rank's shards
         st = json.loads((Path(step_dir) / "trainer_state.json").read_text())
-        self.opt.load_state_dict(ckpt.load_optimizer_state(step_dir, self.opt.state_dict()))
+        self.parallel.load_optimizer(self.opt, ckpt.load_optimizer_state(step_dir, self.opt.state_dict()))
+        for p, moments in self.opt.state.items():  # saved contiguous: back to each parameter's layout
+            for k, v in moments.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    moments[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
         if self.ema is not None:
             if st.get("ema") is None:
                 raise InputError("cannot resume with EMA on: the checkpoint has no EMA weights", str(step_dir),
                                  "resume with --set train.ema.enabled=false")
-            self.ema.load(ckpt.load_group(step_dir, "ema"), st["ema"])
+            self.ema.load(self.parallel.local_like(ckpt.load_group(step_dir, "ema"), self.ema.shadow), st["ema"])
         best = st.get("best_val")
         self.state = State(step=st["step"], epoch=st["epoch"], pos=st["pos"],
                            best_val=math.inf if best is None else best, best_step=st["best_step"],
@@ -339,13 +414,18 @@ class Trainer:
         st, cfg = self.state, self.cfg
         st.epoch, st.pos = st.epoch + 1, 0
         last = self._done()
-        if self.world.main and (st.epoch % cfg.val_every == 0 or last):
+        val = st.epoch % cfg.val_every == 0 or last
+        show = bool(preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last))
+        if val or show:  # FSDP: every rank helps gather rank 0's whole weights (else nothing)
+            self.parallel.gather_eval(self.model, self.ema)
+        if self.world.main and val:
             self._after_validation(self.validate())
         if self.plateau:  # rank 0 validated; every rank must use its LR scale
             self.plateau.state["scale"] = broadcast_float(self.plateau.state["scale"], self.world, self.device)
-        if self.world.main and preview and cfg.preview_every and (st.epoch % cfg.preview_every == 0 or last):
+        if self.world.main and show:
             preview(self, st.epoch)
-        if st.epoch % cfg.ckpt_every == 0 or st.best_step == st.step or last:
+        # rank 0 alone knows a new best: every rank decides together (FSDP's save gathers on all ranks)
+        if any_rank(st.epoch % cfg.ckpt_every == 0 or st.best_step == st.step or last, self.world, self.device):
             self.save()
 
     def fit(self, stop, preview=None) -> State:
@@ -376,8 +456,10 @@ class Trainer:
                     break
             if st.pos >= self.steps_per_epoch:
                 self._epoch_end(preview)
-        if self.world.main and st.last_val_step != st.step:  # stopped by max_steps mid-epoch
-            self._after_validation(self.validate())
+        if any_rank(self.world.main and st.last_val_step != st.step, self.world, self.device):  # stopped mid-epoch
+            self.parallel.gather_eval(self.model, self.ema)
+            if self.world.main:
+                self._after_validation(self.validate())
         if getattr(self, "_saved_step", -1) != st.step:
             self.save()
         elif self.world.main and st.best_step == st.step:

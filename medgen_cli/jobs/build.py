@@ -16,9 +16,10 @@ def model_args(preset: Preset) -> tuple[str, dict]:
     if preset.controlnet.stage:  # controlnet: the UNet is unconditional, the mask goes to the ControlNet
         cond = 0
     img, cond = (c * preset.space.factor ** preset.data.dims for c in (img, cond))  # s2d/wavelet: 2^dims x
+    sc = self_cond_channels(preset)  # self-conditioning: x̂0 channels after the image (models/selfcond.py)
     if m.kind == "dit":
-        return m.kind, dit_args(preset, img, cond)
-    kwargs = dict(spatial_dims=preset.data.dims, in_channels=img + cond, out_channels=img,
+        return m.kind, dit_args(preset, img, cond + sc)
+    kwargs = dict(spatial_dims=preset.data.dims, in_channels=img + sc + cond, out_channels=img,
                   channels=list(m.channels), attention_levels=list(m.attention_levels),
                   num_res_blocks=m.num_res_blocks, num_head_channels=m.num_head_channels,
                   norm_num_groups=m.norm_num_groups, gradient_checkpointing=m.gradient_checkpointing,
@@ -33,7 +34,24 @@ def build_model(preset: Preset):
 
     kind, kwargs = model_args(preset)
     with seeded(preset.train.seed, 0):
-        return wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs)))
+        return wrap_for_self_cond(preset, wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs))))
+
+
+def self_cond_channels(preset: Preset) -> int:
+    """Extra x̂0 input channels of a self-conditioned model (its image channels in the model's space), else 0."""
+    if preset.train.self_conditioning != "x0":
+        return 0
+    return preset.channels()[0] * preset.space.factor ** preset.data.dims
+
+
+def wrap_for_self_cond(preset: Preset, model):
+    """Self-conditioning: the outermost module accepts ``x0_prev=`` (models/selfcond.py)."""
+    n = self_cond_channels(preset)
+    if not n:
+        return model
+    from ..models.selfcond import enable
+
+    return enable(model, n)
 
 
 def wrap_for_mode(preset: Preset, model):
@@ -57,7 +75,8 @@ def wrap_for_omega(preset: Preset, model):
         return model
     from ..models.conditioning import OmegaConditioned
 
-    return OmegaConditioned(model, identity_flag=preset.compat.scoreaug_identity_flag)
+    return OmegaConditioned(model, identity_flag=preset.compat.scoreaug_identity_flag,
+                            mode_intensity_channels=preset.channels()[0] if sa.mode_intensity else 0)
 
 
 def count_parameters(preset: Preset) -> int:
@@ -68,7 +87,7 @@ def count_parameters(preset: Preset) -> int:
 
     kind, kwargs = model_args(preset)
     with torch.device("meta"):
-        model = wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs)))
+        model = wrap_for_self_cond(preset, wrap_for_omega(preset, wrap_for_mode(preset, build(kind, **kwargs))))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -92,6 +111,11 @@ def data_root(preset: Preset) -> Path:
     return root
 
 
+# compat.reference_bin_spacing: the (x, y, z) mm the reference's 3D modes hard-coded for size bins,
+# i.e. (D, H, W) = (1.0, 0.9375, 0.9375) whatever the image size (SYSTEM.md §1).
+REFERENCE_BIN_SPACING = (0.9375, 0.9375, 1.0)
+
+
 def build_dataset(preset: Preset, split: str, root: Path | None = None, train: bool = False):
     """The split's dataset; ``train`` turns on the preset's 2D augmentation (keyed by train.seed)."""
     from ..data.datasets import SliceDataset, VolumeDataset
@@ -100,7 +124,8 @@ def build_dataset(preset: Preset, split: str, root: Path | None = None, train: b
     root = root or data_root(preset)
     common = dict(root=root, split=split, mode=d.mode, image_size=d.image_size,
                   normalization=d.normalization, cache_dir=d.cache_dir, spacing=d.spacing,
-                  max_count=preset.conditioning.max_count, sampled_feret=preset.compat.sampled_feret)
+                  max_count=preset.conditioning.max_count, sampled_feret=preset.compat.sampled_feret,
+                  bin_spacing=REFERENCE_BIN_SPACING if preset.compat.reference_bin_spacing else None)
     if d.dims == 2:
         return SliceDataset(**common, augment=d.augment if train else "none", seed=preset.train.seed)
     return VolumeDataset(**common, pad_depth_to=d.pad_depth_to, pad_mode=d.pad_mode)

@@ -263,120 +263,57 @@ def load_slices(path: str, role: str, planes: str = "axial", depth: int | None =
     return volume_planes(arr, planes)
 
 
-# ---- the fast path: threads read and inflate, the device normalises and slices --------------------
-# A reader thread reads a file's bytes, inflates them (python-isal's igzip when installed, else zlib;
-# both release the GIL), parses the NIfTI-1 header with nibabel and copies the voxels, in their
-# stored type, into (pinned) host memory as (D, W, H) — the file's Fortran order read backwards, so
-# no transpose on the CPU. The main thread copies each volume to the device on a side stream and
-# does there what load_slices does on the CPU: scaling, min-max / clamp / threshold, the planes, and
-# a NaN/Inf count that is checked once at the end. Files that are not plain single-file NIfTI-1 go
-# through nibabel (read_image) instead.
+# ---- the fast path: reader processes inflate, the device normalises and slices ---------------------
+# Worker processes (metrics/reader.py) read each file, inflate it (python-isal's igzip when installed,
+# else zlib), parse the NIfTI-1 header and write the voxels, in their stored type, as (S, W, H) — the
+# file's Fortran order read backwards, so no transpose on the CPU — into a slot of shared memory.
+# This process copies each volume to the device on a side stream (waiting for that copy only, then
+# the slot goes back to the workers) and does there what load_slices does on the CPU: scaling,
+# min-max / clamp / threshold, the planes, and a NaN/Inf count that is checked once at the end. No
+# reader thread shares this process's GIL with the thread that launches the network's kernels.
+# Files that are not plain single-file NIfTI-1 go through nibabel (read_image) instead. Volumes are
+# processed in the order they finish reading and put back in file order; every volume is its own
+# batch (or batches of `batch` slices), so the order changes no number. For large jobs on CUDA the
+# extractor replays its forward from a CUDA graph (features.Extractor.graphed), checked once
+# against the eager forward.
 
-_TORCH_DTYPES = {"uint8": "uint8", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-                 "float16": "float16", "float32": "float32", "float64": "float64"}
-
-
-def _inflate(raw: bytes) -> bytes:
-    try:
-        from isal import igzip
-
-        return igzip.decompress(raw)
-    except ImportError:
-        import gzip
-
-        return gzip.decompress(raw)
+GRAPH_MIN_FILES = 32  # CUDA graphs pay off from about this many volumes (capture ≈ 3 forward passes)
+PREFETCH_MAX = 48  # generated volumes inflated ahead while torch imports (shared memory: that many slots)
+_WIDEN = {np.dtype("uint16"): ("int16", "int32", 0xFFFF), np.dtype("uint32"): ("int32", "int64", 0xFFFFFFFF)}
 
 
 def inflater() -> str:
-    try:
-        import isal  # noqa: F401
+    from ..metrics.reader import inflater as which
 
-        return "isal"
-    except ImportError:
-        return "zlib"
+    return which()
 
 
-def _read_fast(path: Path, depth: int | None, pin: bool):
-    """(tensor (S, W, H) in the stored type, slope, inter) of a plain NIfTI-1 file, or None."""
-    import io
+def _host_tensor(vol, depth):
+    """(CPU tensor (S, W, H) in the stored type, widen) of a reader Volume; nibabel when it has none.
 
-    import torch
-    from nibabel.nifti1 import Nifti1Header
-
-    raw = path.read_bytes()
-    buf = _inflate(raw) if raw[:2] == b"\x1f\x8b" else raw
-    hdr = Nifti1Header.from_fileobj(io.BytesIO(buf[:348]))
-    if hdr["magic"].item() != b"n+1":  # single-file NIfTI-1 only
-        return None
-    shape = list(hdr.get_data_shape())
-    while len(shape) > 3 and shape[-1] == 1:
-        shape.pop()
-    dt = hdr.get_data_dtype()
-    if len(shape) not in (2, 3) or dt.kind not in "iuf":
-        return None
-    native = dt.newbyteorder("=")
-    name = {"uint16": "int32", "uint32": "int64"}.get(native.name, native.name)
-    if name not in _TORCH_DTYPES:
-        return None
-    count = int(np.prod(shape))
-    offset = int(hdr.get_data_offset())
-    if offset + count * dt.itemsize > len(buf):
-        return None  # truncated: let nibabel name the problem
-    arr = np.frombuffer(buf, dtype=dt, count=count, offset=offset).reshape(shape, order="F").T  # (D, W, H)
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif depth:
-        arr = arr[:depth]
-    host = torch.empty(arr.shape, dtype=getattr(torch, name), pin_memory=pin)
-    host.numpy()[...] = arr
-    slope, inter = hdr.get_slope_inter()
-    return host, slope, inter
-
-
-def _read_volume(path, depth: int | None, pin: bool):
-    """(tensor (S, W, H), slope, inter) of one file: the fast path, else nibabel."""
+    Unsigned 16/32-bit voxels travel as their signed bit pattern; ``widen`` = (wider dtype name,
+    mask) restores the values exactly after the copy to the device.
+    """
     import torch
 
-    from ..data.nifti import read_image
+    if vol.array is None:
+        from ..data.nifti import read_image
 
-    path = Path(path)
-    try:
-        got = _read_fast(path, depth, pin)
-    except Exception:  # anything unusual: nibabel reads it or reports it properly
-        got = None
-    if got is not None:
-        return got
-    arr = read_image(path)[0]
-    arr = np.ascontiguousarray(_trim(arr, depth).T)
-    return torch.from_numpy(arr if arr.ndim == 3 else arr[None]), None, None
+        arr = np.ascontiguousarray(_trim(read_image(vol.path)[0], depth).T)
+        return torch.from_numpy(arr if arr.ndim == 3 else arr[None]), None
+    arr = vol.array
+    widen = _WIDEN.get(arr.dtype)
+    if widen is not None:
+        return torch.from_numpy(arr.view(widen[0])), widen[1:]
+    return torch.from_numpy(arr), None
 
 
-def _prefetch(fn, items, workers: int):
-    """``map(fn, items)`` in order, ``workers`` threads ahead (at most 2 × workers results pending)."""
-    if workers <= 0:
-        yield from map(fn, items)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    it = iter(items)
-    ex = ThreadPoolExecutor(workers, thread_name_prefix="medgen-read")
-    try:
-        pending = deque(ex.submit(fn, x) for x, _ in zip(it, range(2 * workers)))
-        while pending:
-            fut = pending.popleft()
-            for x in it:
-                pending.append(ex.submit(fn, x))
-                break
-            yield fut.result()
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-
-
-def _prepare(vol, slope, inter, role: str, binary: bool):
+def _prepare(vol, slope, inter, role: str, binary: bool, widen=None):
     """Device volume (S, W, H), stored type → float32 in [0, 1] as load_slices does; and its NaN/Inf count."""
     import torch
 
+    if widen is not None:
+        vol = vol.to(getattr(torch, widen[0])) & widen[1]
     x = vol.float()
     if slope is not None and (slope != 1 or (inter or 0) != 0):
         x = x * float(slope) + float(inter or 0)
@@ -401,46 +338,65 @@ def _planes_of(x, planes: str):
 
 
 def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DEPTH, binary: bool = False,
-            workers: int | None = None, batch: int = SLICE_BATCH, timings: dict | None = None):
-    """Features of every slice of every file → (features (N, dim) float32, groups (N,) int32 volume index)."""
-    import os
+            workers: int | None = None, batch: int = SLICE_BATCH, timings: dict | None = None, pool=None,
+            tag: str = "", graph: bool | None = None):
+    """Features of every slice of every file → (features (N, dim) float32, groups (N,) int32 volume index).
+
+    ``workers``: reader processes (None: one per core but one, ≤ 16; 0: read in this thread).
+    ``pool``: a running ``reader.ReaderPool`` to read with (files may already be queued under
+    ``(tag, index)``). ``graph``: replay the extractor from CUDA graphs (None: on CUDA from
+    ``GRAPH_MIN_FILES`` volumes).
+    """
+    import contextlib
     import time
 
     import torch
 
+    from ..metrics import reader
+
     paths = [Path(p) for p in paths]
     if not paths:
         raise InputError("no files to evaluate", "--gen/--ref", "check the inputs")
-    workers = min(len(paths), os.cpu_count() or 1, 16) if workers is None else workers
+    workers = reader.default_workers(len(paths)) if workers is None else workers
     dev = ext.device
     cuda = dev.type == "cuda"
     copy_stream = torch.cuda.Stream(dev) if cuda else None
+    graph = cuda and (len(paths) >= GRAPH_MIN_FILES if graph is None else graph) and hasattr(ext, "graphed")
     t0 = time.perf_counter()
-    feats, groups, bads = [], [], []
-    for i, (vol, slope, inter) in enumerate(_prefetch(lambda p: _read_volume(p, depth, cuda), paths, workers)):
-        if cuda:
-            with torch.cuda.stream(copy_stream):
-                g = vol.to(dev, non_blocking=True)
-            torch.cuda.current_stream(dev).wait_stream(copy_stream)
-            g.record_stream(torch.cuda.current_stream(dev))
-        else:
-            g = vol
-        x, bad = _prepare(g, slope, inter, role, binary)
-        bads.append(bad)
-        for s in _planes_of(x, planes):
-            for j in range(0, s.shape[0], batch):
-                f = ext(s[j:j + batch, None])
-                feats.append(f)
-                groups.append(torch.full((f.shape[0],), i, dtype=torch.int32))
+    per: list = [None] * len(paths)
+    bads: list = [None] * len(paths)
+    fallback = 0
+    with (ext.graphed() if graph else contextlib.nullcontext()):
+        for i, vol in reader.open_source(paths, depth, workers, pool, tag):
+            fallback += vol.array is None
+            host, widen = _host_tensor(vol, depth)
+            if cuda:
+                with torch.cuda.stream(copy_stream):  # blocking on this stream only: the slot is free after
+                    g = host.to(dev)
+                torch.cuda.current_stream(dev).wait_stream(copy_stream)
+                g.record_stream(torch.cuda.current_stream(dev))
+                vol.release()
+                x, bads[i] = _prepare(g, vol.slope, vol.inter, role, binary, widen)
+            else:
+                x, bads[i] = _prepare(host, vol.slope, vol.inter, role, binary, widen)  # always a new tensor
+                vol.release()
+            feats = [ext(s[j:j + batch, None]) for s in _planes_of(x, planes) for j in range(0, s.shape[0], batch)]
+            per[i] = feats[0] if len(feats) == 1 else torch.cat(feats)
     bad = torch.stack(bads).cpu()
     if bad.any():
         k = int(bad.nonzero()[0, 0])
         raise InputError(f"volume has {int(bad[k])} NaN/Inf voxels", paths[k],
                          "fix or re-export the file; medgen does not guess missing values")
-    out = torch.cat(feats).cpu().numpy().astype(np.float32), torch.cat(groups).numpy()
+    counts = [len(f) for f in per]
+    out = (torch.cat(per).cpu().numpy().astype(np.float32),
+           np.repeat(np.arange(len(paths), dtype=np.int32), counts))
     if timings is not None:
         timings.update(seconds=time.perf_counter() - t0, files=len(paths), slices=len(out[0]), workers=workers,
-                       inflate=inflater())
+                       inflate=inflater(), nibabel_fallback=fallback, graph=bool(graph),
+                       reader="pool" if pool is not None else ("inline" if workers <= 0 else
+                                                                 "processes" if reader.HAVE_MEMFD else "threads"))
+        if graph:
+            timings.update(graph_info=dict(getattr(ext, "graph_info", {})))
     return out
 
 
@@ -455,28 +411,50 @@ def _file_identity(paths, workers: int = 16) -> list:
         return list(ex.map(sha256_file, paths))
 
 
-def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None, timings=None):
-    """Cached reference features (features, groups, hit: bool); the key is the files' content."""
+def _feature_cache_entry(folder, identities, ext, planes, depth):
     import hashlib
+
+    key = hashlib.sha256(json.dumps({"files_sha256": identities, "extractor": ext.name,
+                                     "weights_sha256": ext.sha256, "preprocessing": ext.preprocessing,
+                                     "planes": planes, "depth": depth, "ref_norm": "minmax per volume",
+                                     "format": FEATURE_FORMAT}, sort_keys=True).encode()).hexdigest()
+    return folder / "features" / f"{key}.npz"
+
+
+def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None, timings=None,
+                       pool=None, identities=None, graph=None):
+    """Cached reference features (features, groups, hit: bool); the key is the files' content.
+
+    ``identities``: the files' sha256 when already known (else computed here, while the reader
+    processes start); ``pool``/``graph``: as ``extract``.
+    """
     import os
 
     from ..data.cache import resolve_cache_dir
+    from ..metrics import reader
 
     folder = resolve_cache_dir(None if cache else False)
-    entry = None
-    if folder:
-        key = hashlib.sha256(json.dumps({"files_sha256": _file_identity(paths), "extractor": ext.name,
-                                         "weights_sha256": ext.sha256, "preprocessing": ext.preprocessing,
-                                         "planes": planes, "depth": depth, "ref_norm": "minmax per volume",
-                                         "format": FEATURE_FORMAT}, sort_keys=True).encode()).hexdigest()
-        entry = folder / "features" / f"{key}.npz"
-    if entry is not None and entry.is_file():
-        try:
-            with np.load(entry, allow_pickle=False) as z:
-                return z["features"], z["groups"], True
-        except Exception:  # torn entry: recompute
-            pass
-    f, g = extract(paths, ext, "ref", planes, depth, workers=workers, timings=timings)
+    paths = list(paths)
+    n_workers = reader.default_workers(len(paths)) if workers is None else workers
+    own = None
+    if pool is None and n_workers > 0 and reader.HAVE_MEMFD and paths:
+        own = reader.ReaderPool.for_files(paths, n_workers)  # the workers start while the files are hashed
+    try:
+        entry = None
+        if folder:
+            entry = _feature_cache_entry(folder, identities if identities is not None else _file_identity(paths),
+                                         ext, planes, depth)
+        if entry is not None and entry.is_file():
+            try:
+                with np.load(entry, allow_pickle=False) as z:
+                    return z["features"], z["groups"], True
+            except Exception:  # torn entry: recompute
+                pass
+        f, g = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool or own,
+                       tag="ref", graph=graph)
+    finally:
+        if own is not None:
+            own.close()
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +543,9 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
     ref_files, ref_name = _ref_inputs(ref, recs, data, modality)
     binary = any(r.get("modality") == "seg" for r in recs) or modality == "seg"
     import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..metrics import reader
 
     clock = [time.perf_counter()]
 
@@ -572,14 +553,36 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         clock.append(time.perf_counter())
         return round(clock[-1] - clock[-2], 4)
 
-    ext = features.load(extractor, weights, device, precision)
-    seconds = {"load_network": lap()}
-    rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, workers)
-    seconds["reference"] = lap()
-    gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, workers)
-    seconds["generated"] = lap()
+    # Before torch is imported (seconds on a cold machine): reader processes start inflating the
+    # generated volumes into shared memory, and a thread looks up the reference files' content hashes.
+    n_workers = reader.default_workers(len(gen_files) + len(ref_files)) if workers is None else workers
+    pool = None
+    if n_workers > 0 and reader.HAVE_MEMFD:
+        pool = reader.ReaderPool.for_files(gen_files + ref_files, n_workers,
+                                           slots=max(n_workers + 2, min(len(gen_files), PREFETCH_MAX)))
+        for i, p in enumerate(gen_files):
+            pool.submit(("gen", i), p, depth)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="medgen-hash") if cache else None
+    identities = hasher.submit(_file_identity, ref_files) if hasher else None
+    try:
+        seconds = {"start_readers": lap()}
+        ext = features.load(extractor, weights, device, precision)
+        seconds["load_network"] = lap()
+        la_device = ext.device if ext.device.type == "cuda" else None  # FID's eigendecompositions
+        la_warm = features.warm_linalg(la_device) if "fid" in names else None
+        gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, n_workers, pool=pool, tag="gen")
+        seconds["generated"] = lap()
+        rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, n_workers, pool=pool,
+                                         identities=identities.result() if identities else None)
+        seconds["reference"] = lap()
+        if la_warm is not None:
+            la_warm.join()
+    finally:
+        if pool is not None:
+            pool.close()
+        if hasher is not None:
+            hasher.shutdown(wait=False)
     protocols = ("reference", "standard") if protocol == "both" else (protocol,)
-    la_device = ext.device if ext.device.type == "cuda" else None  # FID's eigendecompositions
     prep = f"{ext.preprocessing}; planes {planes}; first {depth} axial slices; gen clamp [0,1]" + \
            ("/threshold 0.5" if binary else "") + "; ref min-max per volume"
     out = []

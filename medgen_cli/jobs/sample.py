@@ -306,10 +306,17 @@ def make_plan(sc):
                 guidance=Guidance(sc.cfg, sc.cfg_end), restart=Restart(*sc.restart) if sc.restart else None)
 
 
-def _build(preset, ck, dev):
+def _build(preset, ck, dev, fast: bool = False):
+    """The trained network on ``dev`` and its strategy; ``fast``: behind the compiled fast path
+    (engine/fastpath.py: bf16 weights, channels-last, torch.compile, CUDA graphs)."""
     model = build.build_model(preset)
     model.load_state_dict(ck.model_state)
-    return model.to(dev).eval(), build.build_strategy(preset)
+    model = model.to(dev).eval()
+    if fast:
+        from ..engine.fastpath import FastNet
+
+        model = FastNet(model, dev)
+    return model, build.build_strategy(preset)
 
 
 def generate_items(model, strategy, preset, sc, conds, idx, dev, noise=None):
@@ -351,6 +358,9 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
     sc = sample_options(preset, opts)
     if rs_opts is not None:  # DiffRS
         rs.check_plan(preset, sc)
+        if sc.compile:
+            raise UsageError("--compile does not apply to DiffRS (its head reads the UNet's inner features)",
+                             "--compile", "drop --compile, or sample without --diffrs")
     out = _out_dir(Path(out) if out else None, Path(ck.step_dir), sc.solver, sc.steps)
     root = Path(data) if data else (Path(preset.data.root) if preset.data.root else None)
     conds = conditions(preset, root, sc.split, sc.n, bins, modality)
@@ -359,7 +369,7 @@ def run(run_ref, out, opts, data, device, dry_run, paired=None):
             f"would write {sc.n} samples to {out}"
         return
     dev = pick_device(device or preset.train.device)
-    model, strategy = _build(preset, ck, dev)
+    model, strategy = _build(preset, ck, dev, fast=sc.compile)
     sampler = None if rs_opts is None else rs.DiffRSSampler(rs_opts[0], model, strategy, preset, sc, rs_opts[1], dev,
                                                             ck.step_dir)  # DiffRS
     out.mkdir(parents=True, exist_ok=True)
@@ -493,12 +503,18 @@ def _bin_condition(mpreset, bins: list[int]) -> Condition:
 
 
 def _produced_bins(mask: np.ndarray, mpreset) -> list[int]:
-    """Size bins of a generated mask on the model grid (240 mm field of view, 1 mm slices)."""
+    """Size bins of a generated mask on the model grid (240 mm field of view, 1 mm slices), or with the
+    spacing the mask model's bins were computed with (``compat.reference_bin_spacing``)."""
     from ..data.sizebins import size_bins
 
     d = mpreset.data
     sp = (FOV_MM / d.image_size,) * 2
-    spacing = sp if mask.ndim == 2 else (1.0, *sp)  # array order (D, H, W)
+    if mpreset.compat.reference_bin_spacing:
+        sx, sy, sz = build.REFERENCE_BIN_SPACING
+        sp = (sx, sy)
+        spacing = sp if mask.ndim == 2 else (sz, *sp)
+    else:
+        spacing = sp if mask.ndim == 2 else (1.0, *sp)  # array order (D, H, W)
     return size_bins(mask, spacing, max_count=mpreset.conditioning.max_count).tolist()
 
 
@@ -591,14 +607,14 @@ def run_paired(ck, preset, sc, out, data, device, dry_run, opts, mask_run=None, 
     dev = pick_device(device or preset.train.device)
     stats = {i: {"attempts": 0, "rejections": {}, "mask_nfe": 0} for i in range(sc.n)}
     if mask_run is not None:
-        mmodel, mstrategy = _build(mpreset, mck, dev)
+        mmodel, mstrategy = _build(mpreset, mck, dev, fast=sc.compile)
         masks, stats = _generate_masks(mmodel, mstrategy, mpreset, msc, sc.n, atlas_arr, sc.max_tumour_fraction,
                                        sc.max_retries, dev, bins)
         del mmodel
         conds = {i: _mask_condition(m, preset) for i, m in masks.items()}
     else:
         conds = dict(enumerate(conds))
-    model, strategy = _build(preset, ck, dev)
+    model, strategy = _build(preset, ck, dev, fast=sc.compile)
     out.mkdir(parents=True, exist_ok=True)
     out = out.resolve()
     todo = sorted(conds)

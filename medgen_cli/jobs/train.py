@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import __version__, records
 from ..config import Loaded, dump, load
-from ..errors import InputError, UsageError
+from ..errors import InputError, MedgenError, UsageError
 from . import build
 
 log = logging.getLogger("medgen")
@@ -64,21 +64,80 @@ def provenance(loaded: Loaded) -> dict:
             "host": socket.gethostname(), "created": dt.datetime.now().isoformat(timespec="seconds")}
 
 
-def dry_run_record(loaded: Loaded, run_dir: Path) -> tuple[dict, str]:
-    root = build.data_root(loaded.preset)
+def dry_run_record(loaded: Loaded, run_dir: Path, shape: tuple[int, int] | None = None,
+                   gpu_mem: int | None = None, cli_args: tuple | None = None) -> tuple[dict, str]:
+    """The resolved config, the memory plan and (with ``shape`` = (nodes, GPUs per node)) the launch lines.
+
+    Nothing is written. Without a dataset (--data) the preset is still resolved and planned, the
+    dataset is not checked (a warning says so) and the 2D slice dataset's host memory is not counted."""
     from ..data.layout import patients
 
-    for split in (loaded.preset.data.train_split, loaded.preset.data.val_split):
-        patients(root, split)
-    n = build.count_parameters(loaded.preset)
-    rec = {"kind": "config", "run_dir": str(run_dir), "parameters": n, "preset": dump(loaded.preset)}
-    return rec, json.dumps(rec, indent=2)
+    p = loaded.preset
+    n_patients = None
+    if p.data.root:
+        root = build.data_root(p)
+        n_patients = sum(len(patients(root, split)) for split in (p.data.train_split, p.data.val_split))
+    else:
+        log.warning("warning: no dataset given (--data): the dataset is not checked")
+    n = build.count_parameters(p)
+    rec = {"kind": "config", "run_dir": str(run_dir), "parameters": n, "preset": dump(p)}
+    nodes, gpus = shape or (1, 1)
+    human_tail = []
+    if not p.diffrs.enabled:
+        rec["memory"] = memory_plan(p, nodes, gpus, gpu_mem, n_patients)
+        human_tail.append(f"# {rec['memory']['summary']}")
+    else:
+        log.warning("warning: the memory planner covers diffusion training, not the DiffRS head: no prediction")
+    if shape is not None:
+        from . import launch
+
+        preset_ref, sets, flags = cli_args or (p.name, [], {})
+        if preset_ref and Path(str(preset_ref)).is_file():  # a user TOML: every node must find it
+            preset_ref = str(Path(str(preset_ref)).resolve())
+        data = str(Path(p.data.root).expanduser().resolve()) if p.data.root else None
+        rec["launch"] = launch.launch_record(nodes, gpus, preset_ref, data, sets, flags,
+                                             str(Path(run_dir).resolve()), Path(run_dir).name)
+        where = "on every node (MASTER_ADDR = the first node's address)" if nodes > 1 else "on the node"
+        human_tail += [f"# torchrun, {where}:", rec["launch"]["torchrun"], "# SLURM batch script (sbatch FILE):",
+                       rec["launch"]["sbatch"]]
+    return rec, "\n".join([json.dumps(rec, indent=2), *human_tail])
 
 
-def run(preset_ref, sets, flags, run_dir, resume, dry_run):
+def memory_plan(p, nodes: int, gpus: int, gpu_mem: int | None, n_patients: int | None) -> dict:
+    """engine/planner.py's plan for this machine's GPU (or ``gpu_mem`` bytes) and the world shape."""
+    from ..engine import planner
+
+    name = None
+    if gpu_mem is None:
+        gpu_mem, name = planner.gpu_total_memory()
+    cuda = gpu_mem is not None or str(p.train.device).startswith(("cuda", "auto"))
+    try:
+        out = planner.plan(p, world=nodes * gpus, ranks_per_node=gpus, gpu_total=gpu_mem, gpu_name=name,
+                           patients=n_patients, cuda=cuda)
+    except MedgenError:  # the preset cannot run so (batch split, FSDP in a world of one): refuse it
+        raise
+    except Exception as e:  # a planner limitation must not take --dry-run's validation down with it
+        log.warning(f"warning: no memory prediction ({type(e).__name__}: {e})")
+        return {"error": f"{type(e).__name__}: {e}", "summary": "memory: not predicted (planner error)"}
+    if gpu_mem is None:
+        out["notes"].append("no GPU here: pass --gpu-mem SIZE (e.g. 80GiB) for a verdict")
+    out["summary"] = planner.summary(out)
+    return out
+
+
+def run(preset_ref, sets, flags, run_dir, resume, dry_run, nodes=None, gpus_per_node=None, gpu_mem=None):
+    from . import launch
+
+    shape = launch.check_shape(nodes, gpus_per_node, dry_run)
+    if gpu_mem is not None and not dry_run:
+        raise UsageError("--gpu-mem is the memory planner's target GPU: it applies to --dry-run", "--gpu-mem",
+                         "add --dry-run (training itself uses the GPU it runs on)")
+    from ..engine.planner import parse_size
+
+    mem = parse_size(gpu_mem) if gpu_mem is not None else None
     loaded, run_dir = resolve(preset_ref, sets, flags, Path(run_dir) if run_dir else None, resume)
     if dry_run:
-        yield dry_run_record(loaded, run_dir)
+        yield dry_run_record(loaded, run_dir, shape, mem, (preset_ref, sets, flags))
         return
     step_dir = train(loaded, run_dir, resume)
     if step_dir is None:  # a data-parallel rank other than 0: rank 0 reports
@@ -110,6 +169,9 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
 
         return train_head(loaded, run_dir, resume, root, provenance(loaded))
     world, device = init_world(p.train.device)
+    from ..engine.planner import parallel_kind
+
+    parallel_kind(p.train.parallel, world.size, 0)  # train.parallel=fsdp in a world of one: refused before any work
     train_ds = build.build_dataset(p, p.data.train_split, root, train=True)
     val_ds = build.build_dataset(p, p.data.val_split, root)
     space = build.build_space(p, train_ds)  # spaces.py; may estimate space.stats into p before config.json
@@ -173,8 +235,12 @@ def _preview(trainer, epoch: int) -> None:
     shape = tuple(items[0]["image"].shape)
     shape = trainer.space.shape(shape) if trainer.space is not None else shape  # noise in the model's space
     noise = randn_keyed(shape, [(trainer.cfg.seed, 6, i) for i in range(n)], trainer.device)
-    x, _ = generate(trainer.eval_model().eval(), trainer.strategy, noise, cond, "euler" if
-                    getattr(trainer.strategy, "kind", "rflow") != "ddpm" else "ddim", 10, space=trainer.space)
+    net = trainer.eval_model().eval()
+    solver = "euler" if getattr(trainer.strategy, "kind", "rflow") != "ddpm" else "ddim"
+    # One item at a time (samples do not depend on their batch): four 3D volumes at once in fp32 need more
+    # GPU memory than a training step (engine/planner.py, "preview").
+    x = torch.cat([generate(net, trainer.strategy, noise[i:i + 1], cond[i:i + 1], solver, 10, space=trainer.space)[0]
+                   for i in range(n)])
     mode_seg = cond.shape[1] == 0
     pics = [view(finish(x[i, 0].cpu().numpy(), mode_seg)) for i in range(n)]
     pics += [view(it["image"][0].numpy()) for it in items]

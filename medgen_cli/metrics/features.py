@@ -5,8 +5,9 @@ averaged first) with values in [0, 1] to features ``(N, dim)`` float32. Preproce
 is part of the extractor and written out in ``preprocessing``, which goes into every record and
 every cache key:
 
-* ``resnet50-imagenet`` — the reference's FID/KID network: torchvision ResNet50, ImageNet weights
-  ``IMAGENET1K_V1`` (``resnet50-0676ba61.pth``), fc removed → 2048-d pooled features. Bilinear
+* ``resnet50-imagenet`` — the reference's FID/KID network: torchvision's ResNet50 (``nets.ResNet50``,
+  the same architecture and keys without importing torchvision), ImageNet weights ``IMAGENET1K_V1``
+  (``resnet50-0676ba61.pth``), fc removed → 2048-d pooled features. Bilinear
   resize to 224×224 (align_corners False, no antialias), clamp to [0, 1], gray → 3 channels,
   ImageNet mean/std.
 * ``biomedclip`` — the reference's CMMD network: the image tower of open_clip
@@ -27,13 +28,21 @@ every cache key:
   fc removed, same input scaling. Its features differ from the FID network's; never compare the two.
 
 Precision: ``bf16`` autocast (the reference) on CUDA, ``fp32`` on the CPU, unless chosen.
-Weights are read with ``torch.load(weights_only=True)``; their sha256 is ``extractor.sha256``.
+Weights are read with ``torch.load(weights_only=True)`` (memory-mapped when the file allows) into a
+network built on the meta device (no random initialisation); their sha256 is ``extractor.sha256``.
+
+Speed: inside ``Extractor.graphed()`` a CUDA extractor captures its forward (resize, normalisation,
+network) once per input shape in a CUDA graph and replays it: one launch instead of ~300 per batch.
+The first replay of every graph is compared with the eager forward on the same batch; a difference
+beyond ``GRAPH_TOLERANCE`` (relative to the features' scale), or any capture error, turns the graphs
+off with a warning (``graph_info`` says what happened).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +62,10 @@ RADIMAGENET_BGR_MEAN = (0.406, 0.456, 0.485)
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 TV_INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 
+GRAPH_TOLERANCE = 1e-3  # graph replay vs eager forward: max |difference| / (1 + max |feature|)
+MAX_GRAPHS = 4  # input shapes captured per extractor (tri-planar stacks and remainders need a few)
+log = logging.getLogger("medgen")
+
 EXTRACTORS = ("resnet50-imagenet", "biomedclip", "radimagenet-resnet50", "inception-v3", "inception-v3-torchvision")
 DEFAULT_FOR = {"fid": "resnet50-imagenet", "kid": "resnet50-imagenet", "cmmd": "biomedclip"}
 
@@ -71,6 +84,10 @@ class Extractor:
     device: object
     channels_last: bool = False
     note: str = ""
+    use_graphs: bool = False
+    graph_info: dict = field(default_factory=dict)
+    _norm: dict = field(default_factory=dict, repr=False)
+    _graphs: dict = field(default_factory=dict, repr=False)
 
     @property
     def preprocessing(self) -> str:
@@ -79,24 +96,103 @@ class Extractor:
 
     def __call__(self, x):
         """``(N, C, H, W)`` in [0, 1] → ``(N, dim)`` float32 on the extractor's device."""
-        import torch
-        import torch.nn.functional as F
-
         x = x.to(self.device, non_blocking=True).float()
         if x.shape[1] > 1:
             x = x.mean(1, keepdim=True)
-        if tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        x = x.clamp(0, 1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x.expand(-1, 3, -1, -1) - mean) / std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.precision == "bf16"):
-            out = self.net(x)
-        return out.float().flatten(1)
+        if self.use_graphs and self.device.type == "cuda":
+            out = self._replay(x)
+            if out is not None:
+                return out
+        return self._forward(x)
+
+    def _forward(self, x):
+        """Resize, clamp, normalise, network: ``(N, 1, H, W)`` float32 on the device → ``(N, dim)``."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            if tuple(x.shape[-2:]) != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            x = x.clamp(0, 1)
+            if x.device not in self._norm:  # made once: a host→device copy per call would wait for the GPU
+                self._norm[x.device] = (torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1),
+                                        torch.tensor(self.std, device=x.device).view(1, 3, 1, 1))
+            mean, std = self._norm[x.device]
+            x = (x.expand(-1, 3, -1, -1) - mean) / std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
+                                cache_enabled=False):
+                out = self.net(x)
+            return out.float().flatten(1)
+
+    def graphed(self, enabled: bool = True):
+        """Context: calls replay CUDA graphs of the forward (module docstring); a no-op off CUDA."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            before = self.use_graphs
+            self.use_graphs = enabled and self.device.type == "cuda" and not self.graph_info.get("off")
+            try:
+                yield self
+            finally:
+                self.use_graphs = before
+
+        return ctx()
+
+    def _replay(self, x):
+        """Features from the graph for ``x``'s shape (captured and checked on first sight), or None."""
+        key = (tuple(x.shape), x.dtype)
+        g = self._graphs.get(key)
+        if g is not None:
+            return g(x)
+        if self.graph_info.get("off") or len(self._graphs) >= MAX_GRAPHS:
+            return None
+        try:
+            g = _Graph(self._forward, x)
+            got = g(x)
+            eager = g.eager
+            diff = float((got - eager).abs().max())
+            scale = float(eager.abs().max())
+        except Exception as exc:  # capture unsupported here: stay eager
+            self.graph_info.update(off=f"capture failed: {type(exc).__name__}: {exc}")
+            self.use_graphs = False
+            log.warning("CUDA graph capture failed (%s); extracting features eagerly", exc)
+            return None
+        self.graph_info.setdefault("checks", []).append({"shape": list(key[0]), "max_abs_diff": diff,
+                                                         "feature_max_abs": scale})
+        if not diff <= GRAPH_TOLERANCE * (1.0 + scale):
+            self.graph_info.update(off=f"replay differs from the eager forward by {diff:g}")
+            self.use_graphs = False
+            log.warning("CUDA graph replay differs from the eager forward (%g); extracting features eagerly", diff)
+            return eager
+        self._graphs[key] = g
+        return got
+
+
+class _Graph:
+    """``fn`` on a fixed input shape captured in a CUDA graph (after two eager warm-up calls on a side
+    stream, as torch.cuda.graph requires); ``eager`` is the last warm-up's output."""
+
+    def __init__(self, fn, x):
+        import torch
+
+        self.inp = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.eager = fn(self.inp)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = fn(self.inp)
+
+    def __call__(self, x):
+        self.inp.copy_(x)
+        self.graph.replay()
+        return self.out.clone()
 
 
 def _device(device):
@@ -116,34 +212,36 @@ def _precision(precision, dev) -> str:
 
 
 def _resnet50(path: Path):
-    import torch
-    import torchvision
+    from . import nets
 
-    net = torchvision.models.resnet50(weights=None)
-    state = W.load_pickled_state(path)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise InputError(f"weights do not fit a torchvision ResNet50: {str(exc).splitlines()[0]}", path,
-                         f"use torchvision's IMAGENET1K_V1 file {RESNET50_FILE}") from exc
-    net.fc = torch.nn.Identity()
+    net = _build_into(nets.ResNet50, path, "a torchvision ResNet50",
+                      f"torchvision's IMAGENET1K_V1 file {RESNET50_FILE}")
     return net, 2048, 224, IMAGENET_MEAN, IMAGENET_STD, ""
 
 
 def _radimagenet(path: Path):
     from . import nets
 
-    net = nets.KerasResNet50()
-    _load_into(net, path, "the RadImageNet ResNet50 (Keras) architecture", RADIMAGENET_FILE)
+    net = _build_into(nets.KerasResNet50, path, "the RadImageNet ResNet50 (Keras) architecture",
+                      f"the original {RADIMAGENET_FILE}")
     return nets.GlobalPool(net), 2048, 224, RADIMAGENET_BGR_MEAN, (1.0, 1.0, 1.0), " (BGR)"
 
 
 def _fid_inception(path: Path):
     from . import nets
 
-    net = nets.FIDInception()
-    _load_into(net, path, "the FID Inception-v3", FID_INCEPTION_FILE)
+    net = _build_into(nets.FIDInception, path, "the FID Inception-v3", f"the original {FID_INCEPTION_FILE}")
     return net, 2048, 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ""
+
+
+def _build_into(make, path: Path, what: str, expected: str):
+    """``make()`` with the file's weights assigned (``nets.build_loaded``); InputError when they do not fit."""
+    from . import nets
+
+    try:
+        return nets.build_loaded(make, W.load_pickled_state(path))
+    except RuntimeError as exc:
+        raise InputError(f"weights do not fit {what}: {str(exc).splitlines()[0]}", path, f"use {expected}") from exc
 
 
 def _tv_inception(path: Path):
@@ -214,6 +312,26 @@ def _warm_up(dev):
             pass
 
     t = threading.Thread(target=work, name="medgen-cuda-warm-up", daemon=True)
+    t.start()
+    return t
+
+
+def warm_linalg(dev):
+    """A thread that loads the GPU linear-algebra libraries FID's eigendecompositions use, or None."""
+    if dev is None or getattr(dev, "type", str(dev)) != "cuda":
+        return None
+    import threading
+
+    def work():
+        import torch
+
+        try:
+            a = torch.eye(4, dtype=torch.float64, device=dev)
+            torch.linalg.eigvalsh(torch.linalg.eigh(a @ a)[1])
+        except Exception:  # the real call reports any problem
+            pass
+
+    t = threading.Thread(target=work, name="medgen-linalg-warm-up", daemon=True)
     t.start()
     return t
 

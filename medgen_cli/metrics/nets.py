@@ -1,5 +1,11 @@
-"""Feature networks whose published weights need an architecture torchvision does not ship.
+"""Feature networks, written here so that the evaluation never imports torchvision (seconds of start-up).
 
+* ``ResNet50`` — torchvision's ``resnet50`` (ResNet v1.5: the stride on the 3×3 convolution of a
+  bottleneck; convolutions without bias; batch-norm eps 1e-5), with torchvision's state-dict keys
+  (``conv1``, ``bn1``, ``layerK.i.convJ``/``bnJ``, ``layerK.0.downsample.{0,1}``, ``fc``), so
+  ``resnet50-0676ba61.pth`` loads strictly. The forward returns the 2048-d global average pool (the
+  FID/KID features; ``fc`` is kept only so that the file loads strictly). The same operations in the
+  same order as torchvision's forward, so the same numbers (a test checks it on random weights).
 * ``KerasResNet50`` — the ResNet50 of Keras (``keras.applications``), the one RadImageNet trained and
   ``RadImageNet-ResNet50_notop.pth`` (a Keras → PyTorch conversion) holds: every convolution has a
   bias, batch-norm eps is 1.001e-5, and a bottleneck's stride sits on its first 1×1 convolution (not
@@ -13,7 +19,8 @@
   Keys are torchvision's (``Conv2d_1a_3x3.conv``/``.bn``, ``Mixed_5b`` … ``Mixed_7c``, ``fc`` with
   1008 classes, no auxiliary head). The forward returns the 2048-d global average pool.
 
-Both are written here from the published architectures; no weights are fetched.
+All are written here from the published architectures; no weights are fetched. ``build_loaded``
+builds one on the meta device (no random initialisation) and assigns the file's tensors.
 """
 
 from __future__ import annotations
@@ -21,6 +28,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# ----------------------------------------------------------------------------- torchvision ResNet50
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * width)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride=stride, bias=False),
+                                         nn.BatchNorm2d(4 * width)) if stride != 1 or cin != 4 * width else None)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for k, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)), start=1):
+            layer = []
+            for i in range(blocks):
+                layer.append(_Bottleneck(cin, width, stride if i == 0 else 1))
+                cin = 4 * width
+            setattr(self, f"layer{k}", nn.Sequential(*layer))
+        self.fc = nn.Linear(2048, num_classes)  # kept so that the file loads strictly; unused
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
 # ----------------------------------------------------------------------------- Keras ResNet50
@@ -215,9 +262,26 @@ class FIDInception(nn.Module):
         return x.mean((2, 3))
 
 
-def load_strict(net: nn.Module, state: dict) -> None:
+def build_loaded(make, state: dict) -> nn.Module:
+    """``make()`` built on the meta device (no random initialisation), then ``state`` assigned strictly
+    (``load_strict``); a missing ``num_batches_tracked`` becomes 0 and every tensor keeps the module's
+    dtype, as ``load_state_dict`` into an initialised module would give."""
+    with torch.device("meta"):
+        net = make()
+    want = net.state_dict()
+    state = dict(state)
+    for k, v in want.items():
+        if k not in state and k.endswith("num_batches_tracked"):
+            state[k] = torch.zeros((), dtype=v.dtype)
+        elif k in state and isinstance(state[k], torch.Tensor) and state[k].dtype != v.dtype:
+            state[k] = state[k].to(v.dtype)
+    load_strict(net, state, assign=True)
+    return net
+
+
+def load_strict(net: nn.Module, state: dict, assign: bool = False) -> None:
     """``load_state_dict`` that tolerates only missing ``num_batches_tracked`` buffers (older exports)."""
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing, unexpected = net.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         parts = []

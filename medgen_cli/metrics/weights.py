@@ -29,13 +29,17 @@ def env_name(name: str) -> str:
 
 
 def torch_hub_dir() -> Path:
-    try:
-        import torch
+    """``torch.hub.get_dir()``; computed from the same environment variables while torch is not yet
+    imported (the evaluation finds its weights before paying for that import)."""
+    import sys
 
-        return Path(torch.hub.get_dir())
-    except Exception:  # pragma: no cover - torch is a dependency
-        home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
-        return Path(home).expanduser() / "hub"
+    if "torch" in sys.modules:
+        try:
+            return Path(sys.modules["torch"].hub.get_dir())
+        except Exception:  # pragma: no cover - a half-imported torch
+            pass
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub"
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -146,7 +150,12 @@ def load_pickled_state(path) -> dict:
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # memory-mapped: tensors are read when first used (files written by torch.save since 1.6)
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (tar) format
     except Exception as exc:
         raise InputError(f"cannot read weights: {type(exc).__name__}: {exc}", path,
                          "the file must be a plain PyTorch state dict (weights_only loading)") from exc

@@ -177,6 +177,9 @@ def wrap(unet: nn.Module, mode: str, channels: list[int], mode_embedding: str = 
 
 # --- ScoreAug omega embedding -------------------------------------------------------------
 OMEGA_DIM = 36
+OMEGA_MODE_DIMS = slice(32, 36)  # modality one-hot under mode intensity scaling
+N_MODALITIES = 4
+MODE_INTENSITY = (0.85, 1.15, 0.92, 1.08)  # bravo, flair, t1_pre, t1_gd (mode ids 0..3), SYSTEM.md §5
 
 
 def _time_embedding(model: nn.Module) -> nn.Module:
@@ -195,11 +198,20 @@ class OmegaConditioned(nn.Module):
     generation — is the identity encoding: zeros, or dim 0 = 1 with ``identity_flag`` (the reference's
     encoding, ``compat.scoreaug_identity_flag``). The MLP (AdditiveEmbedding, last layer zero-initialised)
     is applied by a forward hook on the time-embedding module, so the inner network is unchanged (a
-    ConditionedUNet's mode/size-bin modulation then acts on e + MLP(omega))."""
+    ConditionedUNet's mode/size-bin modulation then acts on e + MLP(omega)).
 
-    def __init__(self, model: nn.Module, identity_flag: bool = False):
+    Mode intensity scaling (``train.scoreaug.mode_intensity``, multi mode; ``mode_intensity_channels`` =
+    the image channels): in every call the first that many input channels (the noisy image) are scaled by
+    the sample's modality factor ``MODE_INTENSITY`` — read from the trailing 4 one-hot modality maps —
+    and omega dims 32–35 carry that one-hot, whatever the transform (identity included). A sample whose
+    modality maps were zeroed (condition dropout, the "dropout" mode strategy, CFG's unconditional
+    branch) gets factor 1 and zeros there. The target is not scaled, so the network has to use the
+    modality to predict it."""
+
+    def __init__(self, model: nn.Module, identity_flag: bool = False, mode_intensity_channels: int = 0):
         super().__init__()
         self.model, self.identity_flag = model, bool(identity_flag)
+        self.mode_intensity_channels = int(mode_intensity_channels)
         target = _time_embedding(model)
         emb_dim = [m for m in target.modules() if isinstance(m, nn.Linear)][-1].out_features
         self.omega_embed = AdditiveEmbedding(OMEGA_DIM, emb_dim)
@@ -217,7 +229,21 @@ class OmegaConditioned(nn.Module):
         om = self.identity(out.shape[0], out.device) if om is None else om.reshape(-1, OMEGA_DIM)
         return self.omega_embed(out, om.to(out.device).expand(out.shape[0], -1))
 
+    def scale_by_mode(self, x: torch.Tensor, omega: torch.Tensor | None):
+        """(x with its image channels scaled by the modality factor, omega (B, 36) with dims 32–35 = one-hot)."""
+        n, b = self.mode_intensity_channels, x.shape[0]
+        onehot = x[:, -N_MODALITIES:].float().flatten(2).mean(-1)  # (B, 4): one-hot, or zeros when dropped
+        table = torch.tensor(MODE_INTENSITY, device=x.device, dtype=torch.float32)
+        scale = 1.0 + onehot @ (table - 1.0)  # (B,): the modality's factor, 1 without a modality
+        scaled = x[:, :n] * scale.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        om = self.identity(b, x.device) if omega is None else omega.reshape(-1, OMEGA_DIM).to(x.device).float()
+        om = om.expand(b, -1).clone()
+        om[:, OMEGA_MODE_DIMS] = onehot
+        return torch.cat([scaled, x[:, n:]], dim=1), om
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, omega: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode_intensity_channels:
+            x, omega = self.scale_by_mode(x, omega)
         self._omega = omega
         try:
             return self.model(x, t)

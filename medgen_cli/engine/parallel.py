@@ -1,0 +1,183 @@
+"""Data parallelism for the Trainer: DDP, or FSDP (torch's FSDP2 ``fully_shard``) for big models.
+
+``train.parallel`` (config/schema.py): "ddp" replicates the model on every rank and all-reduces the
+gradients; "fsdp" shards parameters, gradients, AdamW state and the EMA shadow over the ranks (each
+UNet down/middle/up block, or DiT block, is one unit, gathered for its forward and backward and
+resharded after); "auto" picks FSDP above 1e9 parameters (engine/planner.py ``parallel_kind``). One
+process: no wrapper; "fsdp" there is refused (exit 3).
+
+What stays the same under FSDP:
+
+- Checkpoints. Rank 0 writes the usual sharded safetensors of *full* tensors: every rank takes part in
+  gathering each sharded tensor (``DTensor.full_tensor``), rank 0 keeps it on the host. The optimizer
+  state keeps ``torch.optim``'s own layout (integer parameter ids), so DDP, FSDP and single-process
+  checkpoints resume each other.
+- Resume. Every rank reads the full tensors and keeps its own shard (``distribute_tensor`` with no
+  source rank: nothing is sent).
+- EMA. The shadow is built from the sharded state dict, so each rank averages its shard; the update
+  is the same element-wise lerp.
+- Validation and previews run on rank 0 alone, so they need whole weights there: at those points
+  every rank takes part in gathering the (EMA) weights into a plain copy of the model on rank 0
+  (``gather_eval``), built once from a meta-device skeleton taken before sharding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime import World
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The sub-modules sharded one by one: UNet down/middle/up blocks and DiT blocks, wherever they sit
+    (inside conditioning or ControlNet wrappers too); never one inside another."""
+    units: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():  # parents before children
+        if id(module) in inside:
+            continue
+        found = [u for name in ("down_blocks", "up_blocks", "blocks") for u in (getattr(module, name, None) or [])]
+        if isinstance(getattr(module, "middle_block", None), nn.Module):
+            found.append(module.middle_block)
+        for u in found:
+            has_params = isinstance(u, nn.Module) and any(True for _ in u.parameters())
+            if has_params and u is not model and id(u) not in inside:
+                units.append(u)
+                inside.update(id(m) for m in u.modules())
+    return units
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no memory)."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+class Parallel:
+    """How the Trainer's model is spread over the ranks; every method is a no-op pass-through when
+    the model is not sharded."""
+
+    def __init__(self, world: World, device: torch.device, want: str = "auto"):
+        self.world, self.device, self.want = world, torch.device(device), want
+        self.kind = "none"
+        self.eval_net: nn.Module | None = None  # FSDP: rank 0's full copy for validation and previews
+        self._skeleton: nn.Module | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind == "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """What the training step calls: the DDP wrapper, the (in place) sharded model, or the model."""
+        from .planner import parallel_kind
+
+        n = sum(p.numel() for p in model.parameters())
+        self.kind = parallel_kind(self.want, self.world.size, n)
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if self.kind == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            units = fsdp_units(model)
+            if not units:
+                raise ConfigError(f"train.parallel='fsdp' found no blocks to shard in {type(model).__name__}",
+                                  "train.parallel", "use train.parallel=ddp for this model")
+            if self.world.main:
+                self._skeleton = _skeleton(model)
+            mesh = init_device_mesh(self.device.type, (self.world.size,))
+            for unit in units:
+                fully_shard(unit, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        return model
+
+    # ---- full state for checkpoints -----------------------------------------------------------
+    def _full(self, value):
+        """``value`` with every DTensor gathered (on rank 0 to the host; elsewhere dropped)."""
+        if isinstance(value, dict):
+            return {k: self._full(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._full(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self._full(v) for v in value)
+        if _is_dtensor(value):
+            full = value.full_tensor()  # a collective: every rank calls it, in the same order
+            return full.cpu() if self.world.main else None
+        return value
+
+    def full_groups(self, model: nn.Module, opt, ema) -> dict:
+        """The checkpoint groups {"model", "optimizer"[, "ema"]} with whole tensors. Under FSDP every rank
+        must call it (the gathers are collectives); the result is meaningful on rank 0."""
+        groups = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        if ema is not None:
+            groups["ema"] = ema.shadow
+        return self._full(groups) if self.sharded else groups
+
+    # ---- resume -------------------------------------------------------------------------------
+    def local_like(self, full: dict, template: dict) -> dict:
+        """``full`` tensors cut into this rank's shards wherever ``template`` (a state dict) holds DTensors."""
+        if not self.sharded:
+            return full
+        from torch.distributed.tensor import distribute_tensor
+
+        out = {}
+        for k, v in full.items():
+            t = template.get(k)
+            if _is_dtensor(t):
+                v = distribute_tensor(v.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+            out[k] = v
+        return out
+
+    def load_model(self, model: nn.Module, full: dict) -> None:
+        model.load_state_dict(self.local_like(full, model.state_dict()))
+
+    def load_optimizer(self, opt, state: dict) -> None:
+        """Load a full optimizer state_dict; per-parameter tensors of a parameter's shape become shards like it."""
+        if self.sharded:
+            from torch.distributed.tensor import distribute_tensor
+
+            params = [p for g in opt.param_groups for p in g["params"]]
+            per = {}
+            for i, entry in state["state"].items():
+                p = params[int(i)]
+                per[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                          if isinstance(v, torch.Tensor) and _is_dtensor(p) and tuple(v.shape) == tuple(p.shape)
+                          else v for k, v in entry.items()}
+            state = {**state, "state": per}
+        opt.load_state_dict(state)
+
+    # ---- rank 0's whole weights for validation and previews -------------------------------------
+    def gather_eval(self, model: nn.Module, ema) -> None:
+        """FSDP: every rank calls this before rank 0 validates or previews; rank 0 then holds the (EMA)
+        weights whole in ``eval_net``. Otherwise nothing."""
+        if not self.sharded:
+            return
+        source = ema.shadow if ema is not None else model.state_dict()
+        if self.world.main and self.eval_net is None:
+            self.eval_net = self._skeleton.to_empty(device=self.device)
+            self._skeleton = None
+        target = self.eval_net.state_dict() if self.world.main else {}
+        with torch.no_grad():
+            if self.world.main:  # buffers first (non-persistent ones are in no state dict); FSDP keeps them whole
+                live = dict(model.named_buffers())
+                for name, buf in self.eval_net.named_buffers():
+                    if not _is_dtensor(live[name]):
+                        buf.copy_(live[name])
+            for k, v in source.items():
+                full = v.full_tensor() if _is_dtensor(v) else v
+                if self.world.main:
+                    target[k].copy_(full)
