@@ -164,8 +164,9 @@ def test_compiled_sampling_matches_eager_on_cpu(cli, runs, tmp_path):
     import numpy as np
 
     for name, flag in (("eager", "--no-compile"), ("fast", "--compile")):
-        r = cli("sample", "--run", runs["bravo"], "--out", tmp_path / name, "--n", 2, "--steps", 3, flag)
+        r = cli("sample", "--run", runs["bravo"], "--out", tmp_path / name, "--n", 2, "--steps", 3, flag, "--json")
         assert r.code == 0, r.err
+        assert json.loads(r.out.splitlines()[0])["fast_path"] is (flag == "--compile")
     for i in ("00000", "00001"):
         a, b = (nib.load(str(tmp_path / d / i / "bravo.nii.gz")).get_fdata() for d in ("eager", "fast"))
         assert np.abs(a - b).max() < 1e-4

@@ -442,7 +442,7 @@ def _write(out: Path, i: int, arr: np.ndarray, c: Condition, preset, sc, ck, roo
         data_root=str(root) if root else None, split=sc.split if c.path else None,
         cfg_end=sc.cfg_end, cfg_batched=cfg_batched, model_evals=nfe * (2 if cfg_batched else 1),
         atol=sc.atol, rtol=sc.rtol, grid=sc.grid, restart=list(sc.restart) if sc.restart else None,
-        state_dtype=sc.state_dtype, **(extra or {}))
+        state_dtype=sc.state_dtype, fast_path=sc.compile, **(extra or {}))  # fast_path: bf16 weights
 
 
 # ---- paired mask -> image datasets ------------------------------------------------------------------
