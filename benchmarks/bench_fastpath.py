@@ -44,6 +44,8 @@ def build(name: str, dev):
 
     preset = load(name, ["model.gradient_checkpointing=false"]).preset
     net = b.build_model(preset).to(dev)
+    for p in (net.out.parameters() if hasattr(net, "out") else ()):  # MONAI zero-initialises the output conv: the error column needs a signal
+        torch.nn.init.normal_(p, std=0.02)
     d = preset.data
     spatial = (d.image_size,) * 2 if d.dims == 2 else (d.pad_depth_to, d.image_size, d.image_size)
     bsz = preset.train.batch_size
