@@ -20,29 +20,21 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
+import sys
 import tempfile
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_unet import Synthetic  # noqa: E402  (the benchmarks share their stand-in dataset)
+
 GIB = 2**30
 DEVICE = torch.device("cuda")  # --smoke-cpu: the CPU (code paths only; peaks read as 0)
 DEFAULT_CASES = ["3d-pixel-128", "3d-pixel-128:model.gradient_checkpointing=false", "3d-pixel-256",
                  "3d-pixel-256:model.gradient_checkpointing=false", "2d-pixel-128", "2d-pixel-256"]
-
-
-class Synthetic(torch.utils.data.Dataset):
-    """``n`` copies of one random item: the trainer's step, validation and preview read only shapes."""
-
-    def __init__(self, image, cond, n: int):
-        self.item, self.n = {"image": image, "cond": cond}, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.item
 
 
 def load_case(case: str):
@@ -100,7 +92,7 @@ def measure(p, steps: int, phases: bool, run_dir: str) -> dict:
     b = p.train.batch_size
     image = torch.rand((b, img_c, *spatial), device=dev)
     cond = (torch.rand((b, cond_c, *spatial), device=dev) > 0.99).float()
-    ds = Synthetic(image[0].cpu(), cond[0].cpu(), max(b, 4))
+    ds = Synthetic(image, cond, max(b, 4))
     out = {}
     tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, run_dir, build.config_json(p), dev,
                  space=build.build_space(p) if p.space.kind != "pixel" and not p.space.normalize else None)

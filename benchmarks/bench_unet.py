@@ -72,13 +72,14 @@ def batch_for(preset, dev):
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Stands in for the dataset: the trainer's step only needs tensors of the right shape."""
+    """Stands in for the dataset: ``n`` copies of the first item of ``image``/``cond`` (the trainer's
+    step, validation and preview read only shapes)."""
 
-    def __init__(self, image, cond):
-        self.item = {"image": image[0].cpu(), "cond": cond[0].cpu()}
+    def __init__(self, image, cond, n: int = 1):
+        self.item, self.n = {"image": image[0].cpu(), "cond": cond[0].cpu()}, n
 
     def __len__(self):
-        return 1
+        return self.n
 
     def __getitem__(self, i):
         return self.item

@@ -17,6 +17,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+class RandomPairs:
+    """A map-style dataset of ``n`` random (image, mask) items for Trainer-level tests (``from conftest
+    import RandomPairs``): images uniform in [0, 1], masks ``rand > threshold``; 3D items are 8 deep."""
+
+    def __init__(self, dims: int = 2, n: int = 8, size: int = 16, threshold: float = 0.9):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        shape = (1, size, size) if dims == 2 else (1, 8, size, size)
+        self.items = [{"image": torch.rand(shape, generator=g),
+                       "cond": (torch.rand(shape, generator=g) > threshold).float()} for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
 TINY_2D = """
 description = "tiny 2D test model"
 [data]

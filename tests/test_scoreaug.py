@@ -18,6 +18,8 @@ from medgen_cli.engine.trainer import Trainer
 from medgen_cli.errors import ConfigError
 from medgen_cli.jobs import build
 
+from conftest import RandomPairs
+
 
 def ops(dims: int) -> list[Op]:
     """One Op per transform kind (every spatial element, translation, cutout, every pattern, brightness)."""
@@ -226,24 +228,10 @@ def test_config_rules():
         assert reason in "\n".join(e.value.lines()), sets
 
 
-class Synthetic(torch.utils.data.Dataset):
-    def __init__(self, dims=2, n=8, size=16):
-        g = torch.Generator().manual_seed(0)
-        shape = (1, size, size) if dims == 2 else (1, 8, size, size)
-        self.items = [{"image": torch.rand(shape, generator=g),
-                       "cond": (torch.rand(shape, generator=g) > 0.9).float()} for _ in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def _weights(tiny_preset, tmp_path, dims, sets, steps=2):
     p = load(str(tiny_preset(dims)), ["train.warmup_epochs=0", "train.epochs=50", "train.batch_size=2",
                                       "data.depth=8", "data.pad_depth_to=8", *sets]).preset
-    ds = Synthetic(dims)
+    ds = RandomPairs(dims)
     tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path, build.config_json(p),
                  torch.device("cpu"))
     for image, cond in tr._batches(0):
@@ -290,7 +278,7 @@ def test_compile_trains(tiny_preset, tmp_path):
     losses = {}
     for flag in ("false", "true"):
         p = load(str(tiny_preset(2)), ["train.warmup_epochs=0", "train.batch_size=2", f"train.compile={flag}"]).preset
-        ds = Synthetic(2)
+        ds = RandomPairs(2)
         tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path / flag,
                      build.config_json(p), torch.device("cpu"))
         assert (tr.net is not tr.model) == (flag == "true")

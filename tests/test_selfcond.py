@@ -18,18 +18,7 @@ from medgen_cli.errors import ConfigError
 from medgen_cli.jobs import build
 from medgen_cli.models import selfcond
 
-
-class Synthetic(torch.utils.data.Dataset):
-    def __init__(self, n=8, size=16):
-        g = torch.Generator().manual_seed(0)
-        self.items = [{"image": torch.rand(1, size, size, generator=g),
-                       "cond": (torch.rand(1, size, size, generator=g) > 0.8).float()} for _ in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+from conftest import RandomPairs
 
 
 def _spy(model):
@@ -49,7 +38,7 @@ def test_training_feeds_the_detached_estimate_of_a_first_pass(tiny_preset, tmp_p
     assert model.conv_in.conv.in_channels == 3  # [x_t, x̂0, mask]
     calls = _spy(model)
     s = build.build_strategy(p)
-    ds = Synthetic()
+    ds = RandomPairs(threshold=0.8)
     tr = Trainer(model, s, ds, ds, p.train, tmp_path, "{}", torch.device("cpu"))
     image, cond = next(tr._batches(0))
     tr._step(image, cond)
@@ -202,7 +191,7 @@ def test_refused_combinations(tiny_preset):
 def test_resume_is_exact(tiny_preset, tmp_path):
     """Self-conditioning keeps no state and keys its draws by step: 2 steps == 1 step, save, resume, 1 step."""
     p = load(str(tiny_preset(2)), ['train.self_conditioning="x0"', "train.warmup_epochs=0"]).preset
-    ds = Synthetic()
+    ds = RandomPairs(threshold=0.8)
 
     def trainer(run):
         return Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, run, "{}", torch.device("cpu"))

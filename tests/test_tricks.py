@@ -13,23 +13,12 @@ from medgen_cli.engine import tricks
 from medgen_cli.engine.trainer import Trainer
 from medgen_cli.jobs import build
 
-
-class Synthetic(torch.utils.data.Dataset):
-    def __init__(self, n=16, size=16):
-        g = torch.Generator().manual_seed(0)
-        self.items = [{"image": torch.rand(1, size, size, generator=g),
-                       "cond": (torch.rand(1, size, size, generator=g) > 0.9).float()} for _ in range(n)]
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+from conftest import RandomPairs
 
 
 def trained(tiny_preset, tmp_path, sets: list[str], steps: int = 3) -> dict[str, torch.Tensor]:
     p = load(str(tiny_preset(2)), ["train.warmup_epochs=0", "train.epochs=50", *sets]).preset
-    ds = Synthetic()
+    ds = RandomPairs(n=16)
     tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path, "{}",
                  torch.device("cpu"), min_snr_unsquared=p.compat.min_snr_rflow_unsquared)
     for image, cond in tr._batches(0):
@@ -124,7 +113,7 @@ def test_sam_restores_the_weights_exactly():
 def test_plateau_schedule_lowers_the_lr(tiny_preset, tmp_path):
     p = load(str(tiny_preset(2)), ["train.schedule=\"plateau\"", "train.plateau_patience=1",
                                    "train.warmup_epochs=0"]).preset
-    ds = Synthetic()
+    ds = RandomPairs(n=16)
     tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path, "{}", torch.device("cpu"))
     for v in (1.0, 1.0, 1.0):
         tr._after_validation({"val_loss": v, "val_psnr": 0.0})
@@ -141,7 +130,7 @@ def test_curriculum_and_jitter_are_rflow_only():
 def test_spike_skip_skips_the_optimizer_step(tiny_preset, tmp_path):
     """A batch with an exploding gradient leaves the weights as they were (and counts a skip)."""
     p = load(str(tiny_preset(2)), ["train.spike_skip={factor=3.0, warmup=0}", "train.grad_clip=1.0"]).preset
-    ds = Synthetic()
+    ds = RandomPairs(n=16)
     tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path, "{}", torch.device("cpu"))
     batches = list(tr._batches(0))
     tr._step(*batches[0])

@@ -68,7 +68,6 @@ class FastNet(nn.Module):
         self.module = to_channels_last(inner) if self.layout else inner  # "module": seen through like DDP
         self.fn = torch.compile(self.module, dynamic=False) if compile else self.module
         self.graphs: dict[tuple, tuple] = {}
-        self.compiled_signatures: set[tuple] = set()
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Network inputs that are images go to the weights' dtype and layout; times stay as they are."""
@@ -94,8 +93,8 @@ class FastNet(nn.Module):
                 for buf, a in zip(static_in, args):
                     buf.copy_(a)
                 graph.replay()
-                return static_out.to(torch.float32, memory_format=torch.contiguous_format)
-        self.compiled_signatures.add(key)
+                # copy=True: never hand out the static buffer the next replay overwrites (fp32 graphs too)
+                return static_out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         return self._call(args, names).to(torch.float32, memory_format=torch.contiguous_format)
 
     def _capture(self, key: tuple, args: tuple, names: tuple[str, ...]):
