@@ -58,7 +58,7 @@ def predict(p) -> dict:
     sim = planner.simulate(p)
     est = planner.gpu_estimate(sim, 1, "none", p.train.ema.enabled, steady=False)
     out = {f"predicted_{k}_gib": v / GIB for k, v in est.phases.items()}
-    out["predicted_train_reserved_gib"] = est.phases["train"] * planner.RESERVED_FACTOR / GIB
+    out["predicted_train_reserved_gib"] = est.phases["train"] * est.reserved_factor / GIB
     out["predicted_host_process_and_model_gib"] = (planner.HOST_PROCESS_CUDA + sim.param_bytes) / GIB
     out["planner_method"] = sim.how
     out["planner_s"] = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def test_reference_cache_key_is_content(tmp_path, monkeypatch):
     ext.name, ext.sha256, ext.preprocessing = "pixels", "0" * 64, "none"
     f, _, hit = job.reference_features([p], ext, "axial", 150)
     assert not hit
+    from medgen_cli.metrics.weights import known_sha256
+
+    assert known_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()  # hashed by a reader, memoised
+    job.wait_cache_writes()
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
     moved = tmp_path / "elsewhere.nii.gz"
     moved.write_bytes(p.read_bytes())  # same content, other path and mtime
     f2, _, hit = job.reference_features([moved], ext, "axial", 150)
@@ -173,6 +179,24 @@ def test_zlib_and_isal_inflate_alike(tmp_path):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[0], x.T)
 
 
+@pytest.mark.parametrize("how", ["zlib", "auto"])
+def test_inflate_reads_every_gzip_member(how):
+    """One member inflates into a buffer of the trailer's size; several members (as bgzip writes,
+    ending with an empty one) or a wrong trailer still give the whole content."""
+    import gzip
+
+    data = np.random.default_rng(5).integers(0, 7, 300_000).astype(np.uint8).tobytes()
+    one = gzip.compress(data)
+    assert reader.inflate(one, how) == data
+    members = gzip.compress(data[:100_000]) + gzip.compress(data[100_000:]) + gzip.compress(b"")
+    assert reader.inflate(members, how) == data
+    lying = one[:-4] + (123).to_bytes(4, "little")  # a trailer ISIZE that does not match
+    with pytest.raises(Exception):  # the CRC/size check of the full decompressor still runs
+        reader.inflate(lying, how)
+    equal_sized = gzip.compress(data[:150_000]) + gzip.compress(data[150_000:])  # first size == last trailer
+    assert data.startswith(reader.inflate(equal_sized, how))  # a prefix at worst: lengths are checked after
+
+
 def test_pool_falls_back_to_nibabel_when_a_file_does_not_fit_or_a_worker_dies(tmp_path):
     if not reader.HAVE_MEMFD:
         pytest.skip("no memfd: the reader uses threads here")
@@ -200,6 +224,24 @@ def test_pool_falls_back_to_nibabel_when_a_file_does_not_fit_or_a_worker_dies(tm
     f, g = job.extract(files, Pixels(), "ref", depth=None, workers=1)
     ef, eg = _expected(files, "ref", "axial", None)
     np.testing.assert_allclose(f, ef, rtol=1e-6, atol=1e-6)
+
+
+def test_pool_digests_go_ahead_of_reads_and_name_what_failed(tmp_path):
+    if not reader.HAVE_MEMFD:
+        pytest.skip("no memfd: the reader uses threads here")
+    files = [write_nifti(tmp_path / f"{i}.nii.gz", np.full((16, 16, 3), i, np.float32)) for i in range(3)]
+    want = [f"{hashlib.sha256(f.read_bytes()).hexdigest()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    with reader.ReaderPool(2, slot_bytes=16 * 16 * 3 * 4, slots=1) as pool:
+        for i, f in enumerate(files):  # reads queued behind one slot: the digests must not wait for them
+            pool.submit(("r", i), f, None)
+        assert pool.digests(files + [tmp_path / "gone.nii.gz"]) == want + [None]
+        assert sorted(v.key for v in pool.take([("r", i) for i in range(3)]) if not v.release()) == \
+            [("r", 0), ("r", 1), ("r", 2)]
+        for p in pool.procs:
+            p.kill()
+            p.wait()
+        assert pool.digests(files[:1]) == [None]  # no worker left: the caller hashes it itself
+    assert job._file_identity(files) == [w.split(":")[0] for w in want]
 
 
 def test_reader_worker_starts_without_numpy():

@@ -87,17 +87,19 @@ def test_compiled_graph_path_matches_eager_fp32_on_cuda(dims):
 @pytest.mark.gpu
 @cuda
 def test_compiled_channels_last_training_tracks_eager_fp32(cli, tiny_preset, phantom_root, tmp_path):
-    """20 steps of the compiled bf16 channels-last trainer stay near the eager fp32 trainer's losses,
-    and the compiled run checkpoints and resumes (optimizer moments back in the parameters' layout)."""
+    """20 steps of the compiled bf16 channels-last trainer, replayed from CUDA graphs, stay near the eager
+    fp32 trainer's losses, and the compiled run checkpoints and resumes (optimizer moments back in the
+    parameters' layout)."""
     import json
 
     preset = tiny_preset(3)
     losses = {}
-    for name, sets in (("fast", ["train.compile=true", 'train.precision="bf16"']),
+    for name, sets in (("fast", ["train.compile=true", 'train.compile_mode="reduce-overhead"',
+                                 'train.precision="bf16"']),
                        ("fp32", ['train.precision="fp32"'])):
         run = tmp_path / name
         args = ["train", "--preset", preset, "--data", phantom_root, "--run-dir", run, "--device", "cuda",
-                "--max-steps", 20, "--set", "train.log_every=1"]
+                "--max-steps", 20, "--set", "train.log_every=1", "--set", "train.epochs=10"]  # 3 steps an epoch
         for s in sets:
             args += ["--set", s]
         r = cli(*args)
@@ -109,3 +111,20 @@ def test_compiled_channels_last_training_tracks_eager_fp32(cli, tiny_preset, pha
     assert float(((a - b).abs() / b.abs()).max()) < 0.05
     r = cli("train", "--resume", "--run-dir", tmp_path / "fast", "--device", "cuda", "--max-steps", 24)
     assert r.code == 0, r.err
+
+
+def test_cuda_graph_compile_mode_is_for_one_cuda_process(tiny_preset, tmp_path):
+    """train.compile_mode="reduce-overhead" replays CUDA graphs on one CUDA process only; on the CPU the
+    network is compiled in the default mode (no graphs) and the step marks nothing."""
+    from conftest import RandomPairs
+    from medgen_cli.config import load
+    from medgen_cli.engine.trainer import Trainer
+    from medgen_cli.jobs import build
+
+    p = load(str(tiny_preset(2)), ["train.compile=true", 'train.compile_mode="reduce-overhead"']).preset
+    assert p.train.compile_mode == "reduce-overhead"
+    ds = RandomPairs()
+    tr = Trainer(build.build_model(p), build.build_strategy(p), ds, ds, p.train, tmp_path, "{}", torch.device("cpu"))
+    assert tr._graph_steps is False and hasattr(tr.net, "_orig_mod")
+    with pytest.raises(Exception, match="invalid preset"):
+        load(str(tiny_preset(2)), ['train.compile_mode="fastest"'])

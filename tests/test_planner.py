@@ -73,7 +73,7 @@ def test_checkpointing_halves_3d_activations_and_is_recommended(tiny_preset, mon
         return memo[key]
 
     monkeypatch.setattr(planner, "simulate", cached)
-    p = load(str(tiny_preset(3)), ["train.precision=bf16", "data.image_size=32", "data.pad_depth_to=32",
+    p = load(str(tiny_preset(3)), ["train.precision=bf16", "data.image_size=64", "data.pad_depth_to=64",
                                          "train.preview_every=0"]).preset
     off = planner.simulate(p, 1)
     p_on = p.model_copy(deep=True)

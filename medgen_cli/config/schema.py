@@ -245,6 +245,9 @@ class TrainConfig(Strict):
     sda: Optional[SDAConfig] = None
     regional_weighting: Optional[RegionalWeightConfig] = None  # bravo/dual/multi: from the mask; seg modes: target
     compile: bool = False  # torch.compile the network for training
+    # torch.compile's mode: "reduce-overhead" also replays the forward and backward from CUDA graphs (one
+    # process on CUDA: a step stops waiting for ~1,200 kernel launches; costs a private memory pool).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Several processes (torchrun): "ddp" replicates the model; "fsdp" shards parameters, gradients, AdamW
     # state and EMA (FSDP2, engine/parallel.py); "auto" = FSDP above 1e9 parameters, else DDP. One process: no
     # wrapper ("fsdp" is refused there).

@@ -25,7 +25,7 @@ blocks (forward prefetch: two blocks' fp32 parameters, plus their gradients in b
 arithmetic on the simulated single-GPU step, not simulated themselves.
 
 Reserved memory (what ``nvidia-smi`` shows, less the CUDA context) is the allocated peak times
-``RESERVED_FACTOR`` (block rounding and fragmentation); a run fits when reserved + context ≤ the
+``RESERVED_FACTOR`` (block rounding and fragmentation; more with gradient checkpointing); a run fits when reserved + context ≤ the
 GPU's total. Host memory is arithmetic: the process (torch, CUDA libraries), the model built on the host
 before it moves, the checkpoint staging, the dataset held in memory and the loader workers.
 
@@ -47,7 +47,11 @@ MIB = 1 << 20
 # convolution workspaces, cuBLAS workspace). Set from the H200 peaks in benchmarks/NOTES.md, which the
 # fake step alone undershot by 0.2-0.6 GiB.
 WORKSPACE = 256 * MIB
-RESERVED_FACTOR = 1.08  # reserved / allocated at the peak (block rounding, fragmentation)
+# reserved / allocated at the training peak (block rounding, fragmentation); gradient checkpointing's
+# recomputation frees and re-allocates activations and fragments more. Fitted to six H200 runs
+# (benchmarks/NOTES.md: 1.11-1.15 without checkpointing, 1.20-1.33 with it).
+RESERVED_FACTOR = 1.12
+RESERVED_FACTOR_CHECKPOINTING = 1.25
 CUDA_CONTEXT = 640 * MIB  # CUDA context, cuDNN/cuBLAS handles: outside the allocator
 FIT_MARGIN = 0.95  # a plan "fits" when reserved + context <= 95 % of the GPU's memory
 HOST_PROCESS_CUDA = int(2.5 * GIB)  # a CUDA training process before data: torch, CUDA libraries, Python
@@ -209,6 +213,7 @@ class Simulation:
     validate: int  # peak of the rank-0 validation forward (EMA copy included)
     preview: int  # peak of the rank-0 preview sampling step
     largest_block: int  # fp32 bytes of the largest UNet/DiT block (FSDP unit)
+    checkpointing: bool = False
     how: str = "medgen's Trainer step on fake tensors"
     notes: list[str] = field(default_factory=list)
 
@@ -282,7 +287,8 @@ def _simulate(p, val_batch: int, preview_items: int, trainer: bool) -> Simulatio
         tracker.restart()  # the preview: fp32 (generate() gets no autocast), one item at a time
         _eval_forward(p, net, space, preview_items, trainer_mod, precision="fp32")
         preview_peak = tracker.peak
-    return Simulation(n_params, param_bytes, persistent, train_peak, val_peak, preview_peak, largest)
+    return Simulation(n_params, param_bytes, persistent, train_peak, val_peak, preview_peak, largest,
+                      bool(getattr(p.model, "gradient_checkpointing", False)))
 
 
 def _space(p):
@@ -403,6 +409,7 @@ def parallel_kind(want: str, world: int, parameters: int) -> str:
 @dataclass
 class GPUEstimate:
     phases: dict  # predicted max_memory_allocated per phase: train, validate, preview (absent when off)
+    reserved_factor: float = RESERVED_FACTOR
 
     @property
     def phase(self) -> str:  # the phase that sets the peak
@@ -414,11 +421,11 @@ class GPUEstimate:
 
     @property
     def reserved(self) -> int:
-        return int(self.allocated * RESERVED_FACTOR)
+        return int(self.allocated * self.reserved_factor)
 
     def needed(self, phase: str | None = None) -> int:
         """Reserved memory + CUDA context of a phase (default the peak): what must fit into the GPU."""
-        return int(self.phases[phase or self.phase] * RESERVED_FACTOR) + CUDA_CONTEXT
+        return int(self.phases[phase or self.phase] * self.reserved_factor) + CUDA_CONTEXT
 
     def fits(self, gpu_total: int, phase: str | None = None) -> bool:
         return self.needed(phase) <= FIT_MARGIN * gpu_total
@@ -447,7 +454,8 @@ def gpu_estimate(sim: Simulation, world: int, kind: str, ema: bool = False, prev
         for k in ("validate", "preview"):
             if k in phases:
                 phases[k] += (0 if ema else sim.param_bytes) - saved
-    return GPUEstimate({k: v + WORKSPACE for k, v in phases.items()})
+    return GPUEstimate({k: v + WORKSPACE for k, v in phases.items()},
+                       RESERVED_FACTOR_CHECKPOINTING if sim.checkpointing else RESERVED_FACTOR)
 
 
 def host_estimate(preset, sim: Simulation, kind: str, cuda: bool, ranks_per_node: int,
@@ -573,7 +581,7 @@ def _verdict(preset, sim, est, world, kind, local, gpu_total) -> tuple[bool | No
         best = None
         for b in range(local - 1, 0, -1):
             guess = GPUEstimate({k: one.phases[k] + (est.phases[k] - one.phases[k]) * (b - 1) // (local - 1)
-                                 for k in est.phases})
+                                 for k in est.phases}, one.reserved_factor)
             if guess.fits(gpu_total):
                 best, est = b, guess
                 break

@@ -116,8 +116,13 @@ class Trainer:
         # --- scoreaug/sda: ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
         self.extras = tricks.LossExtras.from_config(cfg, config_json, self.model)
         self._compat(config_json)  # compat.first_mode_batches, compat.val_perceptual
+        self._graph_steps = False
         if getattr(cfg, "compile", False):
-            self.net = torch.compile(self.net)
+            mode = getattr(cfg, "compile_mode", "default")
+            if mode == "reduce-overhead" and (world.size > 1 or device.type != "cuda"):
+                mode = "default"  # CUDA graphs: one process on CUDA (DDP/FSDP communicate from hooks)
+            self._graph_steps = mode == "reduce-overhead"
+            self.net = torch.compile(self.net, mode=None if mode == "default" else mode)
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
@@ -272,6 +277,8 @@ class Trainer:
 
     def _step(self, image, cond) -> dict:
         cfg, s = self.cfg, self.state.step
+        if self._graph_steps:  # a new iteration for the CUDA-graph trees (outputs of the last may be reused)
+            torch.compiler.cudagraph_mark_step_begin()
         image, cond = self._encode(image, cond)  # space (s2d/wavelet) before noise, times and loss
         lr = self._lr(s)
         for group in self.opt.param_groups:

@@ -400,15 +400,28 @@ def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DE
     return out
 
 
-def _file_identity(paths, workers: int = 16) -> list:
-    """sha256 of each file's bytes (memoised by path, size and mtime), hashed in parallel threads."""
+def _file_identity(paths, pool=None) -> list:
+    """sha256 of each file's bytes, memoised by (path, size, mtime); files not memoised are hashed by
+    ``pool``'s reader processes (else by threads here)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..metrics.weights import sha256_file
+    from ..metrics.weights import known_sha256, remember_sha256, sha256_file
 
     paths = list(paths)
-    with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as ex:
-        return list(ex.map(sha256_file, paths))
+    out = [known_sha256(p) for p in paths]
+    todo = [i for i, d in enumerate(out) if d is None]
+    if todo and pool is not None:
+        for i, d in zip(todo, pool.digests([paths[i] for i in todo])):
+            if d is not None:  # else a worker could not read it: hashed below, which names the problem
+                digest, size, mtime = d.split(":")
+                remember_sha256(paths[i], digest, int(size), int(mtime))
+                out[i] = digest
+        todo = [i for i in todo if out[i] is None]
+    if todo:
+        with ThreadPoolExecutor(max(1, min(16, len(todo)))) as ex:
+            for i, d in zip(todo, ex.map(sha256_file, [paths[i] for i in todo])):
+                out[i] = d
+    return out
 
 
 def _feature_cache_entry(folder, identities, ext, planes, depth):
@@ -421,14 +434,39 @@ def _feature_cache_entry(folder, identities, ext, planes, depth):
     return folder / "features" / f"{key}.npz"
 
 
+_cache_writes: list = []  # threads writing feature-cache entries (joined at exit, or by the next lookup)
+
+
+def wait_cache_writes() -> None:
+    while _cache_writes:
+        _cache_writes.pop().join()
+
+
+def _write_entry(entry, f, g) -> None:
+    import logging
+    import os
+
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".tmp-{os.getpid()}-{entry.name}")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, features=f, groups=g)
+        os.replace(tmp, entry)
+    except OSError as exc:
+        logging.getLogger("medgen").warning("cannot write the feature cache (%s): %s", entry.parent, exc)
+
+
 def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None, timings=None,
                        pool=None, identities=None, graph=None):
     """Cached reference features (features, groups, hit: bool); the key is the files' content.
 
-    ``identities``: the files' sha256 when already known (else computed here, while the reader
-    processes start); ``pool``/``graph``: as ``extract``.
+    The files' sha256 come from ``identities`` when given, else from the memo, else the reader
+    processes hash them (files never seen before, e.g. a dataset copied to scratch) before reading
+    them, so content already cached under other paths is a hit. A new entry is written from a thread
+    while the caller goes on. ``pool``/``graph``: as ``extract``.
     """
-    import os
+    import threading
+    import time
 
     from ..data.cache import resolve_cache_dir
     from ..metrics import reader
@@ -436,36 +474,33 @@ def reference_features(paths, ext, planes: str, depth, cache: bool = True, worke
     folder = resolve_cache_dir(None if cache else False)
     paths = list(paths)
     n_workers = reader.default_workers(len(paths)) if workers is None else workers
+    wait_cache_writes()
     own = None
     if pool is None and n_workers > 0 and reader.HAVE_MEMFD and paths:
-        own = reader.ReaderPool.for_files(paths, n_workers)  # the workers start while the files are hashed
+        own = pool = reader.ReaderPool.for_files(paths, n_workers)
     try:
         entry = None
         if folder:
-            entry = _feature_cache_entry(folder, identities if identities is not None else _file_identity(paths),
-                                         ext, planes, depth)
-        if entry is not None and entry.is_file():
-            try:
-                with np.load(entry, allow_pickle=False) as z:
-                    return z["features"], z["groups"], True
-            except Exception:  # torn entry: recompute
-                pass
-        f, g = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool or own,
-                       tag="ref", graph=graph)
+            t0 = time.perf_counter()
+            entry = _feature_cache_entry(folder, identities if identities is not None else
+                                         _file_identity(paths, pool), ext, planes, depth)
+            if timings is not None:
+                timings["content_hash_s"] = time.perf_counter() - t0
+            if entry.is_file():
+                try:
+                    with np.load(entry, allow_pickle=False) as z:
+                        return z["features"], z["groups"], True
+                except Exception:  # torn entry: recompute
+                    pass
+        f, g = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool, tag="ref",
+                       graph=graph)
     finally:
         if own is not None:
             own.close()
     if entry is not None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".tmp-{os.getpid()}-{entry.name}")
-            with open(tmp, "wb") as fh:
-                np.savez(fh, features=f, groups=g)
-            os.replace(tmp, entry)
-        except OSError as exc:
-            import logging
-
-            logging.getLogger("medgen").warning("cannot write the feature cache (%s): %s", entry.parent, exc)
+        t = threading.Thread(target=_write_entry, args=(entry, f, g), name="medgen-feature-cache")
+        t.start()
+        _cache_writes.append(t)
     return f, g, False
 
 
@@ -546,6 +581,7 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
     from concurrent.futures import ThreadPoolExecutor
 
     from ..metrics import reader
+    from ..metrics.weights import known_sha256
 
     clock = [time.perf_counter()]
 
@@ -554,7 +590,8 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         return round(clock[-1] - clock[-2], 4)
 
     # Before torch is imported (seconds on a cold machine): reader processes start inflating the
-    # generated volumes into shared memory, and a thread looks up the reference files' content hashes.
+    # generated volumes into shared memory, and a thread looks up the reference files' memoised content
+    # hashes (files never hashed are hashed by the readers, after the generated volumes).
     n_workers = reader.default_workers(len(gen_files) + len(ref_files)) if workers is None else workers
     pool = None
     if n_workers > 0 and reader.HAVE_MEMFD:
@@ -563,7 +600,7 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         for i, p in enumerate(gen_files):
             pool.submit(("gen", i), p, depth)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="medgen-hash") if cache else None
-    identities = hasher.submit(_file_identity, ref_files) if hasher else None
+    identities = hasher.submit(lambda: [known_sha256(p) for p in ref_files]) if hasher else None
     try:
         seconds = {"start_readers": lap()}
         ext = features.load(extractor, weights, device, precision)
@@ -572,8 +609,9 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         la_warm = features.warm_linalg(la_device) if "fid" in names else None
         gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, n_workers, pool=pool, tag="gen")
         seconds["generated"] = lap()
+        known = identities.result() if identities else None
         rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, n_workers, pool=pool,
-                                         identities=identities.result() if identities else None)
+                                         identities=known if known and None not in known else None)
         seconds["reference"] = lap()
         if la_warm is not None:
             la_warm.join()

@@ -22,6 +22,7 @@ Slots are as large as the largest inflated file of the pool (``uncompressed_size
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -43,6 +44,10 @@ NIFTI1_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: 
 _SWAP_CODE = {2: "H", 4: "I", 8: "Q"}
 NIFTI1_SINGLE_MIN_OFFSET = 352
 _NATIVE = "<" if sys.byteorder == "little" else ">"
+
+
+class DigestTask:
+    """Marks the keys of ``ReaderPool.digests``' tasks (no caller's key equals one)."""
 
 
 @dataclass
@@ -92,14 +97,23 @@ def inflater(prefer: str = "auto") -> str:
 
 
 def inflate(raw: bytes, how: str = "auto") -> bytes:
-    """Decompress gzip bytes (every member) with isal's igzip or zlib (``how``: auto | isal | zlib)."""
+    """Decompress gzip bytes with isal or zlib (``how``: auto | isal | zlib).
+
+    The first member is inflated into one buffer of the size the gzip trailer gives (a quarter less
+    time than letting the output grow); when that is not the whole file (several members, or a trailer
+    that does not match) every member is inflated. Either way the result starts with the file's
+    true content, so a reader that checks lengths never sees wrong bytes."""
     if inflater(how) == "isal":
-        from isal import igzip
-
-        return igzip.decompress(raw)
-    import gzip
-
-    return gzip.decompress(raw)
+        from isal import igzip as gz, isal_zlib as z
+    else:
+        import gzip as gz
+        import zlib as z
+    size = int.from_bytes(raw[-4:], "little") if len(raw) >= 18 else 0
+    try:
+        out = z.decompress(raw, wbits=31, bufsize=max(size, 1 << 16))
+    except z.error:
+        out = None
+    return out if out is not None and len(out) & 0xFFFFFFFF == size else gz.decompress(raw)
 
 
 def nifti1_layout(buf) -> dict | None:
@@ -205,9 +219,22 @@ def uncompressed_size(path) -> int:
 
 
 # ---- worker side -----------------------------------------------------------------------------------
+def file_digest(path) -> str:
+    """``sha256:size:mtime_ns`` of a file's bytes, the stat taken on the handle the bytes were read from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return f"{h.hexdigest()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def serve(fd: int, how: str = "auto") -> None:
     """Worker loop: a task per stdin line ``slot_offset\\tcapacity\\tdepth\\tpath``; one reply line per
-    task on stdout: ``ok\\tdtype\\tS,W,H\\tslope\\tinter`` or ``fallback\\treason`` (one task at a time)."""
+    task on stdout: ``ok\\tdtype\\tS,W,H\\tslope\\tinter`` or ``fallback\\treason`` (one task at a time).
+    A negative slot offset asks for ``file_digest`` only: ``hash\\tdigest``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle; stdin's end stops us
@@ -217,6 +244,9 @@ def serve(fd: int, how: str = "auto") -> None:
         off, cap, depth, path = line.rstrip(b"\n").split(b"\t", 3)
         off, cap, depth, path = int(off), int(cap), int(depth), os.fsdecode(path)
         try:
+            if off < 0:
+                os.write(out, f"hash\t{file_digest(path)}\n".encode())
+                continue
             got = read_raw(path, depth or None, how)
             if got is None:
                 reply = "fallback\tnot a plain single-file NIfTI-1 volume"
@@ -276,11 +306,12 @@ class ReaderPool:
             self.sel.register(p.stdout, selectors.EVENT_READ, w)
         self.idle = deque(range(len(self.procs)))
         self.free = deque(range(self.nslots))
-        self.queue: deque = deque()  # (key, path, depth) not yet given to a worker
+        self.queue: deque = deque()  # (key, path, depth) not yet given to a worker (depth None: hash only)
         self.busy: dict[int, tuple] = {}  # worker → (key, path, slot)
         self.done: dict = {}  # key → Volume, completed and not yet taken
         self.partial = {w: b"" for w in range(len(self.procs))}
         self.dead: set[int] = set()
+        self._digest_ids = itertools.count()
 
     @classmethod
     def for_files(cls, paths, workers: int | None = None, slots: int | None = None, inflate: str = "auto"):
@@ -309,15 +340,29 @@ class ReaderPool:
         self.queue.append((key, path, depth or 0))
         self._dispatch()
 
+    def digests(self, paths) -> list:
+        """``file_digest`` of each path, hashed by the workers ahead of any queued reads (None where a
+        worker could not: the caller hashes that file itself, which reports the problem)."""
+        keys = [(DigestTask, next(self._digest_ids)) for _ in paths]
+        for k, p in reversed(list(zip(keys, paths))):
+            if "\n" in str(p):
+                self.done[k] = None
+            else:
+                self.queue.appendleft((k, Path(p), None))
+        while any(k not in self.done for k in keys):
+            self._poll()
+        return [self.done.pop(k) for k in keys]
+
     def _dispatch(self) -> None:
-        while self.queue and self.free and self.idle:
+        while self.queue and self.idle and (self.free or self.queue[0][2] is None):
             w = self.idle.popleft()
             if w in self.dead:
                 continue
             key, path, depth = self.queue.popleft()
-            slot = self.free.popleft()
+            slot = None if depth is None else self.free.popleft()
             self.busy[w] = (key, path, slot)
-            task = f"{slot * self.slot_bytes}\t{self.slot_bytes}\t{depth}\t".encode() + os.fsencode(path) + b"\n"
+            where = -1 if slot is None else slot * self.slot_bytes
+            task = f"{where}\t{self.slot_bytes}\t{depth or 0}\t".encode() + os.fsencode(path) + b"\n"
             try:
                 self.procs[w].stdin.write(task)
                 self.procs[w].stdin.flush()
@@ -332,26 +377,34 @@ class ReaderPool:
         self.dead.add(w)
         if w in self.busy:
             key, path, slot = self.busy.pop(w)
-            self.free.append(slot)
-            self.done[key] = Volume(key, path, None, None, None, "reader process ended")
+            self._failed(key, path, slot is None, "reader process ended")
+            if slot is not None:
+                self.free.append(slot)
         try:
             self.sel.unregister(self.procs[w].stdout)
         except (KeyError, ValueError):
             pass
         if len(self.dead) == len(self.procs):  # nothing left to read with: the caller reads the rest
             while self.queue:
-                key, path, _ = self.queue.popleft()
-                self.done[key] = Volume(key, path, None, None, None, "no reader process left")
+                key, path, depth = self.queue.popleft()
+                self._failed(key, path, depth is None, "no reader process left")
         self._dispatch()
 
     # -- results
+    def _failed(self, key, path, digest_task: bool, reason: str) -> None:
+        self.done[key] = None if digest_task else Volume(key, path, None, None, None, reason)
+
     def _on_line(self, w: int, line: str) -> None:
         status, *rest = line.split("\t")
         key, path, slot = self.busy.pop(w)
         self.idle.append(w)
+        if status == "hash":
+            self.done[key] = rest[0]
+            return
         if status != "ok":
-            self.free.append(slot)
-            self.done[key] = Volume(key, path, None, None, None, rest[0] if rest else "")
+            if slot is not None:
+                self.free.append(slot)
+            self._failed(key, path, slot is None, rest[0] if rest else "")
             return
         import numpy as np
 

@@ -118,23 +118,27 @@ def resolve(name: str, files: tuple[str, ...], explicit=None, hub_checkpoint: bo
                      details=[f"looked in: {p}" for p in looked])
 
 
-def sha256_file(path) -> str:
-    """sha256 hex of a file, memoised by (absolute path, size, mtime_ns) in the medgen cache."""
+def _memo(path: Path, size: int, mtime_ns: int) -> Path:
     from ..data.cache import default_cache_dir
 
+    key = hashlib.sha256(f"{path}|{size}|{mtime_ns}".encode()).hexdigest()
+    return default_cache_dir() / "sha256" / f"{key}.json"
+
+
+def known_sha256(path) -> str | None:
+    """The memoised sha256 of a file as it is now (same absolute path, size and mtime), else None."""
     path = Path(path).resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    memo = default_cache_dir() / "sha256" / f"{key}.json"
     try:
-        return json.loads(memo.read_text())["sha256"]
+        return json.loads(_memo(path, st.st_size, st.st_mtime_ns).read_text())["sha256"]
     except (OSError, ValueError, KeyError):
-        pass
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
+        return None
+
+
+def remember_sha256(path, digest: str, size: int, mtime_ns: int) -> None:
+    """Memoise ``digest`` for the file's bytes as they were at (size, mtime_ns); best effort."""
+    path = Path(path).resolve()
+    memo = _memo(path, size, mtime_ns)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".tmp{os.getpid()}")
@@ -142,6 +146,20 @@ def sha256_file(path) -> str:
         os.replace(tmp, memo)
     except OSError:
         pass
+
+
+def sha256_file(path) -> str:
+    """sha256 hex of a file, memoised by (absolute path, size, mtime) in the medgen cache."""
+    digest = known_sha256(path)
+    if digest is not None:
+        return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    remember_sha256(path, digest, st.st_size, st.st_mtime_ns)
     return digest
 
 

@@ -1,0 +1,110 @@
+"""Where a training step or one sampling evaluation spends its time on the GPU (torch.profiler).
+
+    python benchmarks/profile_step.py --preset 2d-pixel-128 --what train [--set train.compile=true ...]
+    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval
+
+Prints one JSON object: wall seconds per step, GPU busy seconds per step (sum of kernel times), kernel
+launches per step, and the kernels that take the most GPU time, grouped by kind (convolution, GEMM,
+normalisation, elementwise/fused Triton, copies). Busy ≪ wall means the host (launches, syncs) is the
+bound; busy ≈ wall means the kernels are, and the table says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_unet  # noqa: E402
+
+KINDS = [("conv", r"conv|implicit_gemm|sm90_xmma_fprop|dgrad|wgrad|cudnn"), ("gemm", r"gemm|matmul|cutlass|nvjet"),
+         ("attention", r"flash|fmha|attention|sdpa"), ("norm", r"norm|welford"), ("triton", r"^triton_"),
+         ("copy", r"copy|memcpy|memset|cat|transpose|permute"), ("optimizer", r"adam|foreach|multi_tensor|lerp")]
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for k, pat in KINDS:
+        if re.search(pat, low):
+            return k
+    return "other"
+
+
+def profile(fn, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict = defaultdict(lambda: [0.0, 0])
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name][0] += e.device_time_total / 1e6 / steps
+            per_kernel[e.name][1] += 1
+    busy = sum(v[0] for v in per_kernel.values())
+    by_kind: dict = defaultdict(float)
+    for name, (sec, _) in per_kernel.items():
+        by_kind[kind(name)] += sec
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"wall_s": round(wall, 5), "gpu_busy_s": round(busy, 5), "busy_share": round(busy / wall, 3),
+            "launches_per_step": sum(v[1] for v in per_kernel.values()) // steps,
+            "by_kind_s": {k: round(v, 5) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:110], "s": round(v[0], 5), "calls": v[1] // steps} for n, v in top]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--what", choices=["train", "fast-eval", "eval"], default="train")
+    ap.add_argument("--set", nargs="*", default=[])
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    from medgen_cli.config import load
+
+    dev = torch.device("cuda")
+    preset = load(a.preset, a.set).preset
+    image, cond = bench_unet.batch_for(preset, dev)
+    tr, step = bench_unet.medgen_step(preset, dev, image, cond)
+    out = {"preset": a.preset, "what": a.what, "set": a.set, "batch": preset.train.batch_size,
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    t = time.perf_counter()
+    if a.what == "train":
+        fn = step
+        fn()
+    else:
+        x = torch.cat([image, cond], 1)
+        tt = torch.full((image.shape[0],), 500.0, device=dev)
+        if a.what == "fast-eval":
+            from medgen_cli.engine.fastpath import FastNet
+
+            net = FastNet(tr.model.eval(), dev)
+            fn = lambda: net(x, tt)  # noqa: E731
+        else:
+            ev = bench_unet.evaluation(tr.model.eval(), dev, image, cond)
+            fn = ev
+        fn()
+    torch.cuda.synchronize()
+    out["first_call_s"] = round(time.perf_counter() - t, 2)
+    out.update(profile(fn, a.steps))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
