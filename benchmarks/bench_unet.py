@@ -7,7 +7,8 @@ ratio plain/medgen (> 1 means medgen is faster). Needs a CUDA GPU.
     python benchmarks/bench_unet.py [--presets 3d-pixel-128 3d-pixel-256 2d-pixel-128 2d-pixel-256] [--iters 10]
         [--compile] [--budget 520]
 
-With --compile it adds medgen compiled (train.compile: channels-last, torch.compile, fused AdamW),
+With --compile it adds medgen compiled (train.compile: channels-last, torch.compile, fused AdamW; and
+again with train.compile_mode="reduce-overhead": each step replayed from CUDA graphs),
 the sampling fast path (engine/fastpath.py: bf16 weights, channels-last, compile, CUDA graphs) and
 the plain loop under torch.compile, all in the same run.
 
@@ -176,6 +177,8 @@ def bench(name: str, args) -> dict:
     variants = [("medgen", None), ("medgen-nockpt", ["model.gradient_checkpointing=false"])]
     if args.compile:
         variants.append(("medgen-compiled", ["model.gradient_checkpointing=false", "train.compile=true"]))
+        variants.append(("medgen-graphs", ["model.gradient_checkpointing=false", "train.compile=true",
+                                           'train.compile_mode="reduce-overhead"']))
     for label, sets in variants:
         if over_budget(args):
             out[f"{label}"] = "skipped: time budget"
@@ -238,14 +241,15 @@ def bench(name: str, args) -> dict:
         torch._dynamo.reset()
     for a, b in (("plain_step_s", "medgen_step_s"), ("plain_step_s", "medgen-nockpt_step_s"),
                  ("plain_eval_s", "medgen_eval_s"), ("plain_step_s", "medgen-compiled_step_s"),
-                 ("plain-compiled_step_s", "medgen-compiled_step_s"), ("plain_eval_s", "medgen_fast_eval_s"),
+                 ("plain-compiled_step_s", "medgen-compiled_step_s"), ("plain-compiled_step_s", "medgen-graphs_step_s"),
+                 ("plain_eval_s", "medgen_fast_eval_s"),
                  ("plain-compiled_eval_s", "medgen_fast_eval_s"), ("plain_sample25_s", "medgen_fast_sample25_s"),
                  ("plain-compiled_sample25_s", "medgen_fast_sample25_s")):
         if isinstance(out.get(a), float) and isinstance(out.get(b), float):
             out[f"ratio_{a.removesuffix('_s')}/{b.removesuffix('_s')}"] = out[a] / out[b]
     if preset.data.dims == 2:
         bsz = preset.train.batch_size
-        for k in ("medgen-nockpt", "medgen-compiled", "plain", "plain-compiled"):
+        for k in ("medgen-nockpt", "medgen-compiled", "medgen-graphs", "plain", "plain-compiled"):
             if isinstance(out.get(f"{k}_step_s"), float):
                 out[f"{k}_train_img_s"] = bsz / out[f"{k}_step_s"]
     return out
