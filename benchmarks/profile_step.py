@@ -41,14 +41,7 @@ def kind(name: str) -> str:
 def profile(fn, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / steps
+    wall = bench_unet.timed(fn, steps)  # 3 warm-up calls, then the mean of `steps`
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(steps):
             fn()
