@@ -377,9 +377,7 @@ class ReaderPool:
         self.dead.add(w)
         if w in self.busy:
             key, path, slot = self.busy.pop(w)
-            self._failed(key, path, slot is None, "reader process ended")
-            if slot is not None:
-                self.free.append(slot)
+            self._failed(key, path, "reader process ended", slot is None, slot)
         try:
             self.sel.unregister(self.procs[w].stdout)
         except (KeyError, ValueError):
@@ -387,11 +385,14 @@ class ReaderPool:
         if len(self.dead) == len(self.procs):  # nothing left to read with: the caller reads the rest
             while self.queue:
                 key, path, depth = self.queue.popleft()
-                self._failed(key, path, depth is None, "no reader process left")
+                self._failed(key, path, "no reader process left", depth is None)
         self._dispatch()
 
     # -- results
-    def _failed(self, key, path, digest_task: bool, reason: str) -> None:
+    def _failed(self, key, path, reason: str, digest_task: bool, slot: int | None = None) -> None:
+        """A task that gave nothing: its slot back; a read → a Volume for nibabel, a digest → None."""
+        if slot is not None:
+            self.free.append(slot)
         self.done[key] = None if digest_task else Volume(key, path, None, None, None, reason)
 
     def _on_line(self, w: int, line: str) -> None:
@@ -402,9 +403,7 @@ class ReaderPool:
             self.done[key] = rest[0]
             return
         if status != "ok":
-            if slot is not None:
-                self.free.append(slot)
-            self._failed(key, path, slot is None, rest[0] if rest else "")
+            self._failed(key, path, rest[0] if rest else "", slot is None, slot)
             return
         import numpy as np
 
