@@ -36,7 +36,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (gloo) for a smoke run of a small preset")
+    ap.add_argument("--ddp-option", action="append", default=[], metavar="KEY=JSON",
+                    help="an extra DistributedDataParallel argument to try, e.g. gradient_as_bucket_view=true")
+    ap.add_argument("--profile", action="store_true", help="rank 0 also profiles steps (profile_step.py's summary)")
     args = ap.parse_args()
+    if args.ddp_option:  # the Trainer builds DDP through torch.nn.parallel: hand it the extra arguments
+        import functools
+
+        import torch.nn.parallel as tnp
+
+        extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.ddp_option)}
+        tnp.DistributedDataParallel = functools.partial(tnp.DistributedDataParallel, **extra)
     world, dev = init_world(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     base = load(args.preset, args.set).preset
@@ -48,7 +58,8 @@ def main() -> None:
         per_gpu, *cond.shape[1:]).contiguous()
     ds = Synthetic(image, cond)
     tr = Trainer(build.build_model(preset), build.build_strategy(preset), ds, ds, preset.train,
-                 f"/tmp/medgen-bench-ddp-{world.rank}", "{}", dev, world=world)
+                 f"/tmp/medgen-bench-ddp-{world.rank}", "{}", dev, world=world,
+                 space=build.build_space(preset, ds))  # s2d / wavelet presets train in their space
     for _ in range(3):
         tr._step(image, cond)
     sync()
@@ -58,10 +69,16 @@ def main() -> None:
     float(stats["loss"])
     sync()
     s = (time.perf_counter() - t0) / args.iters
+    out = {"preset": args.preset, "sets": args.set, "ddp_options": args.ddp_option, "world": world.size,
+           "per_gpu_batch": per_gpu, "step_s": s, "samples_per_s": per_gpu * world.size / s,
+           "omp_threads": torch.get_num_threads(),
+           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+    if args.profile and dev.type == "cuda":  # every rank steps (collectives); rank 0 keeps the summary
+        from profile_step import profile
+
+        out["profile"] = profile(lambda: tr._step(image, cond), 5)
     if world.main:
-        print(json.dumps({"preset": args.preset, "sets": args.set, "world": world.size, "per_gpu_batch": per_gpu,
-                          "step_s": s, "samples_per_s": per_gpu * world.size / s,
-                          "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}), flush=True)
+        print(json.dumps(out), flush=True)
     if world.size > 1:
         torch.distributed.destroy_process_group()
 

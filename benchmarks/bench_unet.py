@@ -92,7 +92,7 @@ def medgen_step(preset, dev, image, cond):
 
     ds = Synthetic(image, cond)
     tr = Trainer(build.build_model(preset), build.build_strategy(preset), ds, ds, preset.train,
-                 "/tmp/medgen-bench-run", "{}", dev)
+                 "/tmp/medgen-bench-run", "{}", dev, space=build.build_space(preset, ds))
     return tr, lambda: tr._step(image, cond)["loss"].item()  # sync like a logging step
 
 

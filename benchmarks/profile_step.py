@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_unet  # noqa: E402
 
-KINDS = [("conv", r"conv|implicit_gemm|sm90_xmma_fprop|dgrad|wgrad|cudnn"), ("gemm", r"gemm|matmul|cutlass|nvjet"),
+KINDS = [("comm", r"nccl"), ("conv", r"conv|implicit_gemm|sm90_xmma_fprop|dgrad|wgrad|cudnn"), ("gemm", r"gemm|matmul|cutlass|nvjet"),
          ("attention", r"flash|fmha|attention|sdpa"), ("norm", r"norm|welford"), ("triton", r"^triton_"),
          ("copy", r"copy|memcpy|memset|cat|transpose|permute"), ("optimizer", r"adam|foreach|multi_tensor|lerp")]
 

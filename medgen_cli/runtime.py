@@ -283,6 +283,39 @@ def any_rank(flag: bool, world: World, device) -> bool:
     return bool(t.item() > 0)
 
 
+class LaggedVote:
+    """``any_rank`` for a per-step flag without stalling the host on the GPU every step.
+
+    Each call starts an all-reduce (MAX) of this step's flag, queued behind the step's GPU work, and
+    answers with the previous call's result, which waits only for the previous step to finish; so
+    every rank gets the same answer, one step after the flag was raised (a stop signal at step s stops
+    every rank after step s + 1). A world of one answers with the flag itself.
+    """
+
+    def __init__(self, world: World, device):
+        self.world, self.device = world, torch.device(device)
+        self._pending = None  # (host tensor, CUDA event or None) of the last call's vote
+
+    def __call__(self, flag: bool) -> bool:
+        if self.world.size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.full((1,), 1.0 if flag else 0.0, device=self.device)  # a fill, not a synchronous copy
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        event = None
+        if self.device.type == "cuda":
+            t = t.to("cpu", non_blocking=True)  # into pinned memory, ready when the event is
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._pending = self._pending, (t, event)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return bool(previous[0].item() > 0)
+
+
 def broadcast_float(value: float, world: World, device) -> float:
     """Rank 0's value on every rank (e.g. an LR scale decided from rank 0's validation)."""
     if world.size == 1:

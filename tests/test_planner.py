@@ -106,6 +106,18 @@ def test_fsdp_and_ddp_per_gpu(tiny_preset):
     assert planner.plan(p, world=8, gpu_total=None)["fits"] is None, "no GPU given: no verdict"
 
 
+def test_auto_fsdp_that_fits_unsharded_recommends_ddp(tiny_preset, monkeypatch):
+    """auto shards models above 1B parameters; where DDP fits as well the plan says it is faster."""
+    monkeypatch.setattr(planner, "FSDP_MIN_PARAMETERS", 0)  # the tiny UNet stands in for a 1.42B one
+    p = load(str(tiny_preset(2)), ["train.batch_size=8"]).preset
+    plan = planner.plan(p, world=2, gpu_total=64 * 2**30)
+    assert plan["parallel"] == "fsdp" and plan["fits"] is True
+    assert [r["set"] for r in plan["recommend"]] == ["train.parallel=ddp"]
+    assert "--set train.parallel=ddp" in planner.summary(plan)
+    chosen = load(str(tiny_preset(2)), ["train.batch_size=8", "train.parallel=fsdp"]).preset
+    assert planner.plan(chosen, world=2, gpu_total=64 * 2**30)["recommend"] == [], "an explicit choice stands"
+
+
 # H200, bf16 autocast, batch 1 (3D) / 16 (2D), AdamW: torch.cuda.max_memory_allocated after a few steps
 # (benchmarks/NOTES.md). The prediction must come within 15 %.
 MEASURED_H200_GIB = [

@@ -160,6 +160,31 @@ def test_second_sigint_still_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def _vote_rank(rank: int, store_file: str, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    vote = rt.LaggedVote(rt.World(rank, 2, rank), "cpu")
+    out.put((rank, [vote(rank == 1 and call == 1) for call in range(4)]))
+    dist.destroy_process_group()
+
+
+def test_lagged_vote_agrees_one_step_late(tmp_path):
+    """Rank 1 raises its flag at call 1: both ranks answer True at call 2 and only then."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_vote_rank, args=(r, str(tmp_path / "store"), out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert got == {0: [False, False, True, False], 1: [False, False, True, False]}
+    assert rt.LaggedVote(rt.World(), "cpu")(True) is True  # a world of one: no lag
+
+
 def test_stop_signals_outside_main_thread_install_nothing():
     import threading
 

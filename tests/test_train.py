@@ -103,8 +103,12 @@ def test_signal_then_resume_matches_uninterrupted(cli, tiny_preset, phantom_root
 
 
 def test_loader_workers_do_not_change_the_result(cli, tiny_preset, phantom_root, tmp_path):
+    """Worker processes read ahead across epoch ends; per-epoch augmentation draws must not notice."""
     preset = tiny_preset(2)
-    assert train(cli, preset, phantom_root, tmp_path / "w0", "--max-steps", 3).code == 0
-    r = train(cli, preset, phantom_root, tmp_path / "w2", "--max-steps", 3, "--set", "data.num_workers=2")
+    sets = ["--set", "data.augment=dynamic", "--set", "train.preview_every=0"]  # 2 epochs of ~10 steps
+    assert train(cli, preset, phantom_root, tmp_path / "w0", *sets).code == 0
+    r = train(cli, preset, phantom_root, tmp_path / "w2", *sets, "--set", "data.num_workers=2")
     assert r.code == 0, r.err
     assert_identical(tmp_path / "w0", tmp_path / "w2")
+    state = json.loads((ckpt.resolve_step_dir(tmp_path / "w2", "latest") / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and state["step"] > 2

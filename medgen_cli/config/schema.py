@@ -39,7 +39,15 @@ class DataConfig(Strict):
     train_split: str = "train"
     val_split: str = "val"
     cache_dir: Optional[str] = None  # preprocessed cache; default $MEDGEN_CACHE or ~/.cache/medgen
-    num_workers: int = Field(0, ge=0)
+    # Loader processes reading training batches ahead of the step. None (auto): 2 for 3D on a GPU (each
+    # step reads a volume), else 0 (2D slices are held in memory; the CPU is busy computing).
+    num_workers: Optional[int] = Field(None, ge=0)
+
+    def workers(self, cuda: bool) -> int:
+        """``num_workers``, or the automatic choice for a run on CUDA (``cuda``) or the CPU."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return 2 if cuda and self.dims == 3 else 0
 
 
 class UNetConfig(Strict):

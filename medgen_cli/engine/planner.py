@@ -440,7 +440,7 @@ def gpu_estimate(sim: Simulation, world: int, kind: str, ema: bool = False, prev
     step = sim.train
     saved = gather = 0
     if kind == "ddp":
-        step += sim.param_bytes  # gradient buckets (one fp32 copy of the parameters)
+        step += sim.param_bytes  # gradient buckets, held for the whole step (the gradients are views into them)
     elif kind == "fsdp":
         saved = sim.persistent - sim.persistent // world  # sharded parameters, AdamW state, EMA shadow
         gather = 4 * sim.largest_block  # two blocks' unsharded parameters and their unsharded gradients
@@ -470,8 +470,8 @@ def host_estimate(preset, sim: Simulation, kind: str, cuda: bool, ranks_per_node
         parts["dataset"] = per_patient * patients if patients is not None else 0
     else:  # VolumeDataset: one item per worker, loaded and padded
         item = mods * d.pad_depth_to * d.image_size ** 2 * 4
-        parts["dataset"] = 2 * item * max(1, d.num_workers)
-    parts["loader_workers"] = HOST_WORKER * d.num_workers
+        parts["dataset"] = 2 * item * max(1, d.workers(cuda))
+    parts["loader_workers"] = HOST_WORKER * d.workers(cuda)
     per_rank = sum(parts.values())
     state = sim.param_bytes * (4 if preset.train.ema.enabled else 3)  # model + AdamW (2) + EMA
     shard = min(GIB, state)
@@ -564,6 +564,12 @@ def _verdict(preset, sim, est, world, kind, local, gpu_total) -> tuple[bool | No
             if alt.fits(gpu_total):
                 rec.append({"set": "model.gradient_checkpointing=false", "peak_allocated_gib": gib(alt.allocated),
                             "why": "fits without gradient checkpointing too: faster steps (no recomputation)"})
+        if kind == "fsdp" and preset.train.parallel == "auto":  # auto shards above 1B parameters
+            alt = gpu_estimate(sim, world, "ddp", ema, preview)
+            if alt.fits(gpu_total):
+                rec.append({"set": "train.parallel=ddp", "peak_allocated_gib": gib(alt.allocated),
+                            "why": "fits unsharded too: DDP stepped 1.8x faster than FSDP for the 1.42B UNet on "
+                                   "two H200s (no weight gathers in forward and backward)"})
         return True, rec
     rec, sets = [], {}
     if has_ckpt and not ckpt and not est.fits(gpu_total, "train"):

@@ -9,6 +9,7 @@ give bit-identical weights on CPU. A SIGTERM/SIGUSR1 saves after the current ste
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..errors import ConfigError, InputError, Interrupted
-from ..runtime import World, any_rank, autocast, broadcast_float, keyed_generator, keyed_seed, rand_keyed, randn_keyed
+from ..runtime import (LaggedVote, World, any_rank, autocast, broadcast_float, keyed_generator, keyed_seed,
+                       rand_keyed, randn_keyed)
 from . import tricks
 from .ema import EMA
 from .logbook import Logbook
@@ -53,6 +55,24 @@ def collate(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     image = torch.stack([it["image"] for it in items])  # (B, C, ...)
     cond = torch.stack([it["cond"] for it in items])  # (B, C_cond, ...)
     return image, cond
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """The training set indexed by (epoch, item): sets the epoch of keyed dynamic augmentation where
+    the item is read (each loader process holds its own copy of the dataset)."""
+
+    def __init__(self, ds):
+        self.ds, self.epoch = ds, None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if epoch != self.epoch and hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+        self.epoch = epoch
+        return self.ds[i]
 
 
 def loss_at(model, strategy, image, cond, t, noise, weight=None):
@@ -174,16 +194,23 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------
     def _batches(self, epoch: int):
-        """The rest of this epoch's batches, from the saved position on, as (image, cond) on device."""
-        lo = self.world.rank * self.local_batch  # this rank's share of each global batch
-        batches = self._epoch_batches(epoch)[self.state.pos:]
-        chunks = [batch[lo:lo + self.local_batch] for batch in batches]
-        if hasattr(self.train_ds, "set_epoch"):  # dynamic augmentation draws from (seed, epoch, index)
-            self.train_ds.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self.train_ds, batch_sampler=chunks, collate_fn=collate,
+        """This rank's batches from (epoch, the saved position) on, epoch after epoch, as (image, cond) on
+        the device.
+
+        One loader serves every epoch, so its worker processes (``data.num_workers``) start once and
+        read ahead across epoch ends (during validation too); items are keyed by (epoch, index), so
+        dynamic augmentation draws the same wherever an item is read."""
+        lo, pos = self.world.rank * self.local_batch, self.state.pos  # this rank's share of each global batch
+
+        def global_batches():
+            for e in itertools.count(epoch):
+                yield from ((e, b) for b in self._epoch_batches(e)[pos if e == epoch else 0:])
+
+        shares = ([(e, i) for i in b[lo:lo + self.local_batch]] for e, b in global_batches())
+        loader = torch.utils.data.DataLoader(_EpochItems(self.train_ds), batch_sampler=shares, collate_fn=collate,
                                              num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")
-        for batch, (image, cond) in zip(batches, loader):
+        for (_, batch), (image, cond) in zip(global_batches(), loader):
             self._batch_first = batch[0]  # compat.first_mode_batches: the global batch's first item
             yield image.to(self.device, non_blocking=True), cond.to(self.device, non_blocking=True)
 
@@ -440,9 +467,13 @@ class Trainer:
         st, cfg = self.state, self.cfg
         self.book.status("running", st)
         t0, step0 = time.time(), st.step
-        while not self._done():
-            for image, cond in self._batches(st.epoch):
-                stats = self._step(image, cond)
+        stop_voted = LaggedVote(self.world, self.device)  # several ranks: agreed one step late, no per-step stall
+        if not self._done() and st.pos >= self.steps_per_epoch:  # resumed right at an epoch's end
+            self._epoch_end(preview)
+        batches = self._batches(st.epoch)
+        try:
+            while not self._done():
+                stats = self._step(*next(batches))
                 st.pos += 1
                 if st.step % cfg.log_every == 0 or st.step == step0 + 1:
                     rate = (st.step - step0) / max(time.time() - t0, 1e-9)
@@ -452,17 +483,17 @@ class Trainer:
                     self.book.status("running", st)
                 if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0:
                     self.save()
-                if any_rank(stop.requested is not None, self.world, self.device):
+                if stop_voted(stop.requested is not None):
                     self.save()
                     self.book.status("interrupted", st)
                     raise Interrupted(f"training stopped by {stop.requested or 'a signal'} at step {st.step}; "
                                       "state saved",
                                       str(self.run_dir),
                                       f"continue with: medgen train --resume --run-dir {self.run_dir}")
-                if self._done():
-                    break
-            if st.pos >= self.steps_per_epoch:
-                self._epoch_end(preview)
+                if st.pos >= self.steps_per_epoch:
+                    self._epoch_end(preview)
+        finally:
+            batches.close()  # ends the loader (and its worker processes)
         if any_rank(self.world.main and st.last_val_step != st.step, self.world, self.device):  # stopped mid-epoch
             self.parallel.gather_eval(self.model, self.ema)
             if self.world.main:

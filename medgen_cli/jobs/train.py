@@ -183,8 +183,8 @@ def train(loaded: Loaded, run_dir: Path, resume: bool) -> Path | None:
         if not resume:
             write_json_atomic(run_dir / "config.json", {"preset": dump(p), "provenance": provenance(loaded)})
     barrier(world)
-    trainer = Trainer(model, build.build_strategy(p), train_ds, val_ds, p.train, run_dir,
-                      build.config_json(p), device, num_workers=p.data.num_workers, world=world,
+    trainer = Trainer(model, build.build_strategy(p), train_ds, val_ds, p.train, run_dir, build.config_json(p),
+                      device, num_workers=p.data.workers(device.type == "cuda"), world=world,
                       min_snr_unsquared=p.compat.min_snr_rflow_unsquared, space=space)
     if resume:
         trainer.resume(ckpt.resolve_step_dir(run_dir, "latest"))
