@@ -112,3 +112,43 @@ def test_loader_workers_do_not_change_the_result(cli, tiny_preset, phantom_root,
     assert_identical(tmp_path / "w0", tmp_path / "w2")
     state = json.loads((ckpt.resolve_step_dir(tmp_path / "w2", "latest") / "trainer_state.json").read_text())
     assert state["epoch"] == 2 and state["step"] > 2
+
+
+def test_stop_at_an_epoch_end_then_resume_matches_uninterrupted(tiny_preset, tmp_path):
+    """Stopped after an epoch's last step (saved before the epoch-end validation), a resumed run first
+    finishes that epoch's end, then trains on: the weights equal an uninterrupted run's."""
+    from conftest import RandomPairs
+
+    from medgen_cli.config import load
+    from medgen_cli.engine.trainer import Trainer
+    from medgen_cli.errors import Interrupted
+    from medgen_cli.jobs import build
+
+    p = load(str(tiny_preset(2)), ["train.preview_every=0"]).preset  # 2 epochs of 16 / 4 = 4 steps
+
+    def trainer(run):
+        run.mkdir(exist_ok=True)
+        return Trainer(build.build_model(p), build.build_strategy(p), RandomPairs(n=16), RandomPairs(n=16), p.train,
+                       run, "{}", torch.device("cpu"))
+
+    class StopAt:
+        def __init__(self, tr, step):
+            self.tr, self.step = tr, step
+
+        @property
+        def requested(self):
+            return "SIGTERM" if self.tr.state.step >= self.step else None
+
+    full = trainer(tmp_path / "full")
+    full.fit(StopAt(full, 10**9))
+    cut = trainer(tmp_path / "cut")
+    with pytest.raises(Interrupted):
+        cut.fit(StopAt(cut, cut.steps_per_epoch))
+    assert (cut.state.epoch, cut.state.pos) == (0, cut.steps_per_epoch)
+    again = trainer(tmp_path / "cut")
+    again.resume(ckpt.resolve_step_dir(tmp_path / "cut", "latest"))
+    again.fit(StopAt(again, 10**9))
+    assert (again.state.epoch, again.state.step) == (full.state.epoch, full.state.step) == (2, 8)
+    assert_identical(tmp_path / "full", tmp_path / "cut")
+    vals = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [v["epoch"] for v in vals if v["kind"] == "val"] == [1, 2], "epoch 0's end validated once, on resume"
