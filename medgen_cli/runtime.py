@@ -283,6 +283,32 @@ def any_rank(flag: bool, world: World, device) -> bool:
     return bool(t.item() > 0)
 
 
+def persistent_compile_cache() -> str | None:
+    """Keep torch.compile's artefacts (Inductor's graph and kernel caches) in ``inductor/`` under medgen's
+    cache folder ($MEDGEN_CACHE, else ~/.cache/medgen) instead of /tmp, which cluster nodes often wipe
+    between jobs: a resumed or chained run then compiles from the cache (on the CPU here: a first
+    compiled step of 107 s took 5.4 s). A $TORCHINDUCTOR_CACHE_DIR of the user's is kept (Inductor
+    writes its /tmp default there itself once imported, so that value counts as unset); a folder that
+    cannot be created leaves torch's default. Call before compiling; returns the folder in use."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+    except ImportError:  # another torch layout: only an unset variable is ours to set
+        inductor_default = None
+    if current is not None and (inductor_default is None
+                                or os.path.abspath(current) != os.path.abspath(inductor_default())):
+        return current
+    from .data.cache import default_cache_dir
+
+    folder = default_cache_dir() / "inductor"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return current
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return str(folder)
+
+
 class LaggedVote:
     """``any_rank`` for a per-step flag without stalling the host on the GPU every step.
 

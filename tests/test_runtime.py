@@ -160,6 +160,26 @@ def test_second_sigint_still_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_compile_cache_lives_beside_the_medgen_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    assert rt.persistent_compile_cache() == str(tmp_path / "cache" / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert (tmp_path / "cache" / "inductor").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert rt.persistent_compile_cache() == str(tmp_path / "mine"), "an explicit choice is kept"
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.default_cache_dir", lambda: str(tmp_path / "tmp"))
+    assert cache_dir() == str(tmp_path / "tmp")  # what Inductor does once imported: writes its default
+    assert rt.persistent_compile_cache() == str(tmp_path / "cache" / "inductor"), "Inductor's default is not a choice"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "file"))  # cannot hold a folder
+    assert rt.persistent_compile_cache() is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 def _vote_rank(rank: int, store_file: str, out) -> None:
     import torch.distributed as dist
 

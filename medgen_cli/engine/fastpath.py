@@ -28,6 +28,8 @@ import logging
 import torch
 from torch import nn
 
+from ..runtime import persistent_compile_cache
+
 log = logging.getLogger("medgen")
 
 
@@ -66,6 +68,8 @@ class FastNet(nn.Module):
         self.max_graphs = max_graphs
         inner = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
         self.module = to_channels_last(inner) if self.layout else inner  # "module": seen through like DDP
+        if compile:
+            persistent_compile_cache()
         self.fn = torch.compile(self.module, dynamic=False) if compile else self.module
         self.graphs: dict[tuple, tuple] = {}
 

@@ -23,7 +23,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..errors import ConfigError, InputError, Interrupted
 from ..runtime import (LaggedVote, World, any_rank, autocast, broadcast_float, keyed_generator, keyed_seed,
-                       rand_keyed, randn_keyed)
+                       persistent_compile_cache, rand_keyed, randn_keyed)
 from . import tricks
 from .ema import EMA
 from .logbook import Logbook
@@ -142,6 +142,7 @@ class Trainer:
             if mode == "reduce-overhead" and (world.size > 1 or device.type != "cuda"):
                 mode = "default"  # CUDA graphs: one process on CUDA (DDP/FSDP communicate from hooks)
             self._graph_steps = mode == "reduce-overhead"
+            persistent_compile_cache()
             self.net = torch.compile(self.net, mode=None if mode == "default" else mode)
 
     # ---- randomness -------------------------------------------------------------------------
