@@ -71,31 +71,24 @@ def main() -> None:
 
     batches = tr._batches(0)  # epoch after epoch, as Trainer.fit reads them
 
-    def loop(n: int) -> float:
+    def steps(n: int, batch) -> float:
+        """Seconds per step over ``n`` steps on ``batch()``, with Trainer.fit's logged (synced) losses."""
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            stats = tr._step(*next(batches))
+            stats = tr._step(*batch())
             if tr.state.step % p.train.log_every == 0:
                 float(stats["loss"])
         sync()
         return (time.perf_counter() - t0) / n
 
-    first_epoch = min(tr.steps_per_epoch, args.steps)
-    cold_s = loop(first_epoch)  # includes compiling when on; reported, not used for the share
-    loop(args.warmup)
-    loop_s = loop(args.steps)
-    image, cond = next(batches)
-    for _ in range(args.warmup):
-        tr._step(image, cond)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        stats = tr._step(image, cond)
-        if tr.state.step % p.train.log_every == 0:
-            float(stats["loss"])
-    sync()
-    compute_s = (time.perf_counter() - t0) / args.steps
+    from_loader = lambda: next(batches)  # noqa: E731
+    cold_s = steps(min(tr.steps_per_epoch, args.steps), from_loader)  # compiles when on; not in the share
+    steps(args.warmup, from_loader)
+    loop_s = steps(args.steps, from_loader)
+    resident = next(batches)
+    steps(args.warmup, lambda: resident)
+    compute_s = steps(args.steps, lambda: resident)
     items = tr._epoch_batches(0)[0]
     t0 = time.perf_counter()
     for _ in range(5):
