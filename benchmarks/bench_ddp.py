@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--ddp-option", action="append", default=[], metavar="KEY=JSON",
                     help="an extra DistributedDataParallel argument to try, e.g. gradient_as_bucket_view=true")
     ap.add_argument("--profile", action="store_true", help="rank 0 also profiles steps (profile_step.py's summary)")
+    ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on", help="cuDNN autotuning (default on)")
     args = ap.parse_args()
     if args.ddp_option:  # the Trainer builds DDP through torch.nn.parallel: hand it the extra arguments
         import functools
@@ -52,7 +53,7 @@ def main() -> None:
     base = load(args.preset, args.set).preset
     per_gpu = args.per_gpu_batch or base.train.batch_size
     preset = load(args.preset, [*args.set, f"train.batch_size={per_gpu * world.size}"]).preset
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     image, cond = batch_for(preset, dev)
     image, cond = image[:1].expand(per_gpu, *image.shape[1:]).contiguous(), cond[:1].expand(
         per_gpu, *cond.shape[1:]).contiguous()
@@ -69,7 +70,8 @@ def main() -> None:
     float(stats["loss"])
     sync()
     s = (time.perf_counter() - t0) / args.iters
-    out = {"preset": args.preset, "sets": args.set, "ddp_options": args.ddp_option, "world": world.size,
+    out = {"preset": args.preset, "sets": args.set, "ddp_options": args.ddp_option,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark, "world": world.size,
            "per_gpu_batch": per_gpu, "step_s": s, "samples_per_s": per_gpu * world.size / s,
            "omp_threads": torch.get_num_threads(),
            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}

@@ -139,8 +139,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="measured training steps (after 2 warm-up steps)")
     ap.add_argument("--no-phases", action="store_true", help="skip the validation and preview measurements")
     ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default="off",
+                    help="cuDNN autotuning while measuring (default off, as the CLI)")
     ap.add_argument("--smoke-cpu", action="store_true", help="run the code paths on the CPU (no measurements)")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     global DEVICE
     if args.smoke_cpu:
         DEVICE = torch.device("cpu")
@@ -155,7 +158,8 @@ def main() -> None:
         name, sets, p, notes = load_case(case)
         rec = {"case": case, "preset": name, "sets": sets, **env, "batch_size": p.train.batch_size,
                "gradient_checkpointing": bool(getattr(p.model, "gradient_checkpointing", False)),
-               "precision": p.train.precision, "notes": notes}
+               "precision": p.train.precision, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+               "notes": notes}
         phases = not args.no_phases and name not in seen  # validation and preview do not depend on checkpointing
         seen.add(name)
         try:

@@ -57,7 +57,8 @@ def test_fast_reader_equals_nibabel_path(tmp_path, workers):
     nib.save(nib.Nifti1Image(a[..., :5].astype(">f4"), np.eye(4), hdr), tmp_path / "f.nii.gz")
     files.append(tmp_path / "f.nii.gz")
     for p in files:  # every one of these takes the fast path (no nibabel in the reader)
-        assert reader.read_voxels(p, 150) is not None
+        got = reader.read_voxels(p, 150)
+        assert got is not None and reader.peek_shape(p, 150) == got[0].shape
     for role, planes, depth, binary in (("ref", "axial", 8, False), ("gen", "tri", 150, False),
                                         ("gen", "axial", None, True), ("ref", "tri", 6, False)):
         f, g = job.extract(files, Pixels(), role, planes, depth, binary, workers=workers, batch=4)
@@ -69,6 +70,8 @@ def test_fast_reader_equals_nibabel_path(tmp_path, workers):
 def test_fast_reader_2d_and_bad_voxels(tmp_path):
     img2d = np.random.default_rng(1).random((16, 12)).astype(np.float32)
     p2 = write_nifti(tmp_path / "s.nii.gz", img2d, spacing=(1, 1, 1))
+    assert reader.peek_shape(p2) == reader.read_voxels(p2)[0].shape == (1, 12, 16)
+    assert reader.peek_shape(tmp_path / "none.nii.gz") is None
     f, g = job.extract([p2], Pixels(), "gen", "tri", workers=1)
     np.testing.assert_allclose(f, _expected([p2], "gen", "tri", 150)[0], atol=1e-7)
     bad = np.zeros((8, 8, 3), np.float32)
@@ -138,6 +141,7 @@ def test_header_parser_agrees_with_nibabel(tmp_path, dtype):
     assert np.array_equal(got, want[..., :3].T)
     assert (slope, inter) == want_hdr.get_slope_inter()
     assert reader.uncompressed_size(path) >= got.nbytes
+    assert reader.peek_shape(path, 3) == got.shape and reader.peek_shape(path) == (5, 6, 7)  # header only
 
 
 def test_header_parser_refuses_what_it_does_not_know(tmp_path):
@@ -244,6 +248,60 @@ def test_pool_digests_go_ahead_of_reads_and_name_what_failed(tmp_path):
     assert job._file_identity(files) == [w.split(":")[0] for w in want]
 
 
+def test_pool_discard_gives_every_slot_back(tmp_path, monkeypatch):
+    """Reads queued ahead (while a cache lookup hashes the files) are dropped on a hit, slots and all."""
+    if not reader.HAVE_MEMFD:
+        pytest.skip("no memfd: the reader uses threads here")
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(6)
+    files = [write_nifti(tmp_path / f"{i}.nii.gz", rng.random((32, 32, 4)).astype(np.float32)) for i in range(6)]
+
+    def drained(pool):
+        while pool.busy:
+            pool._poll()
+        return not pool.pending() and len(pool.free) == pool.nslots
+
+    with reader.ReaderPool(2, slot_bytes=32 * 32 * 4 * 4, slots=3) as pool:
+        keys = job.queue_reads(pool, files, None, "x")
+        assert job.queue_reads(pool, files, None, "x") == keys and len(pool.pending()) == 6  # not twice
+        pool._poll()  # some finished, some running, some queued
+        pool.discard(keys)
+        assert drained(pool)
+        for i, v in reader.open_source(files, None, 2, pool, "y"):  # the pool reads on as before
+            assert np.array_equal(v.array, reader.read_voxels(files[i])[0])
+            v.release()
+        ext = Pixels()
+        ext.name, ext.sha256, ext.preprocessing = "pixels", "0" * 64, "none"
+        f, _, hit = job.reference_features(files, ext, "axial", 150, pool=pool)  # new files: read while hashed
+        assert not hit and drained(pool)
+        np.testing.assert_allclose(f, _expected(files, "ref", "axial", 150)[0], rtol=1e-6, atol=1e-6)
+        job.wait_cache_writes()
+        copies = []
+        for i, p in enumerate(files):
+            copies.append(tmp_path / "copy" / p.name)
+            copies[-1].parent.mkdir(exist_ok=True)
+            copies[-1].write_bytes(p.read_bytes())
+        f2, _, hit = job.reference_features(copies, ext, "axial", 150, pool=pool)  # read ahead, then a hit
+        assert hit and np.array_equal(f, f2) and drained(pool)
+
+    class Counting(Pixels):
+        volumes = 0
+
+        def __call__(self, x):
+            Counting.volumes += 1
+            return super().__call__(x)
+
+    ext = Counting()
+    ext.name, ext.sha256, ext.preprocessing = "pixels", "0" * 64, "none"
+    for p in copies:
+        (tmp_path / "again").mkdir(exist_ok=True)
+        (tmp_path / "again" / p.name).write_bytes(p.read_bytes())
+    # one reader: it hashes every file right after the first read, so the hit is known by the second volume
+    with reader.ReaderPool(1, slot_bytes=32 * 32 * 4 * 4, slots=3) as pool:
+        f3, _, hit = job.reference_features(sorted((tmp_path / "again").iterdir()), ext, "axial", 150, pool=pool)
+        assert hit and np.array_equal(f, f3) and Counting.volumes <= 2 and drained(pool)
+
+
 def test_reader_worker_starts_without_numpy():
     """Workers import the reader module and the standard library only (~0.05 s, numpy alone is ~0.2 s)."""
     import subprocess
@@ -289,3 +347,10 @@ def test_cuda_reader_path_and_graphs(tmp_path, monkeypatch):
     assert not ext.graph_info.get("off"), ext.graph_info
     assert len(ext.graph_info["checks"]) >= 2  # axial and side stacks have their own graphs
     np.testing.assert_allclose(graphed, eager, rtol=1e-3, atol=1e-3 * (1 + np.abs(eager).max()))
+    # a first build through the cache path: the graph is captured in a thread while the files are hashed
+    monkeypatch.setenv("MEDGEN_CACHE", str(tmp_path / "cache"))
+    fresh = features.load("resnet50-imagenet", device="cuda")
+    ref, _, hit = job.reference_features(files, fresh, "tri", 10, workers=2, graph=True)
+    assert not hit and fresh._warming is None and not fresh.graph_info.get("off"), fresh.graph_info
+    assert fresh.graph_info["checks"][0]["shape"] == [10, 1, 40, 36]  # the warm-up's, from the first header
+    np.testing.assert_allclose(ref, eager, rtol=1e-3, atol=1e-3 * (1 + np.abs(eager).max()))

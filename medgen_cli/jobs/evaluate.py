@@ -339,13 +339,13 @@ def _planes_of(x, planes: str):
 
 def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DEPTH, binary: bool = False,
             workers: int | None = None, batch: int = SLICE_BATCH, timings: dict | None = None, pool=None,
-            tag: str = "", graph: bool | None = None):
+            tag: str = "", graph: bool | None = None, stop=None):
     """Features of every slice of every file → (features (N, dim) float32, groups (N,) int32 volume index).
 
     ``workers``: reader processes (None: one per core but one, ≤ 16; 0: read in this thread).
     ``pool``: a running ``reader.ReaderPool`` to read with (files may already be queued under
     ``(tag, index)``). ``graph``: replay the extractor from CUDA graphs (None: on CUDA from
-    ``GRAPH_MIN_FILES`` volumes).
+    ``GRAPH_MIN_FILES`` volumes). ``stop``: asked after each volume; True ends the extraction (None returned).
     """
     import contextlib
     import time
@@ -361,13 +361,23 @@ def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DE
     dev = ext.device
     cuda = dev.type == "cuda"
     copy_stream = torch.cuda.Stream(dev) if cuda else None
-    graph = cuda and (len(paths) >= GRAPH_MIN_FILES if graph is None else graph) and hasattr(ext, "graphed")
+    graph = _graphs_for(ext, len(paths), graph)
     t0 = time.perf_counter()
+    if graph:
+        warm_graph(ext, paths[0], depth, batch)
     per: list = [None] * len(paths)
     bads: list = [None] * len(paths)
     fallback = 0
+    spent = dict.fromkeys(("wait_read", "copy", "compute_launch"), 0.0)  # this thread's time, by stage
+    clock = [time.perf_counter()]
+
+    def lap(stage):
+        clock.append(time.perf_counter())
+        spent[stage] += clock[-1] - clock[-2]
+
     with (ext.graphed() if graph else contextlib.nullcontext()):
         for i, vol in reader.open_source(paths, depth, workers, pool, tag):
+            lap("wait_read")
             fallback += vol.array is None
             host, widen = _host_tensor(vol, depth)
             if cuda:
@@ -376,12 +386,16 @@ def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DE
                 torch.cuda.current_stream(dev).wait_stream(copy_stream)
                 g.record_stream(torch.cuda.current_stream(dev))
                 vol.release()
+                lap("copy")
                 x, bads[i] = _prepare(g, vol.slope, vol.inter, role, binary, widen)
             else:
                 x, bads[i] = _prepare(host, vol.slope, vol.inter, role, binary, widen)  # always a new tensor
                 vol.release()
             feats = [ext(s[j:j + batch, None]) for s in _planes_of(x, planes) for j in range(0, s.shape[0], batch)]
             per[i] = feats[0] if len(feats) == 1 else torch.cat(feats)
+            lap("compute_launch")
+            if stop is not None and stop():
+                return None
     bad = torch.stack(bads).cpu()
     if bad.any():
         k = int(bad.nonzero()[0, 0])
@@ -390,7 +404,9 @@ def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DE
     counts = [len(f) for f in per]
     out = (torch.cat(per).cpu().numpy().astype(np.float32),
            np.repeat(np.arange(len(paths), dtype=np.int32), counts))
+    lap("compute_launch")  # the end: waiting for the device's last volumes
     if timings is not None:
+        timings.update({f"{k}_s": round(v, 4) for k, v in spent.items()})
         timings.update(seconds=time.perf_counter() - t0, files=len(paths), slices=len(out[0]), workers=workers,
                        inflate=inflater(), nibabel_fallback=fallback, graph=bool(graph),
                        reader="pool" if pool is not None else ("inline" if workers <= 0 else
@@ -400,28 +416,83 @@ def extract(paths, ext, role: str, planes: str = "axial", depth: int | None = DE
     return out
 
 
-def _file_identity(paths, pool=None) -> list:
-    """sha256 of each file's bytes, memoised by (path, size, mtime); files not memoised are hashed by
-    ``pool``'s reader processes (else by threads here)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _graphs_for(ext, n_files: int, graph: bool | None) -> bool:
+    """Whether ``extract`` replays CUDA graphs for ``n_files`` files (``graph`` None: from GRAPH_MIN_FILES)."""
+    return (ext.device.type == "cuda" and hasattr(ext, "graphed")
+            and (n_files >= GRAPH_MIN_FILES if graph is None else bool(graph)))
 
-    from ..metrics.weights import known_sha256, remember_sha256, sha256_file
 
-    paths = list(paths)
-    out = [known_sha256(p) for p in paths]
-    todo = [i for i, d in enumerate(out) if d is None]
-    if todo and pool is not None:
-        for i, d in zip(todo, pool.digests([paths[i] for i in todo])):
-            if d is not None:  # else a worker could not read it: hashed below, which names the problem
+def warm_graph(ext, path, depth, batch: int = SLICE_BATCH) -> None:
+    """Start capturing the extractor's graph for the first batch of ``path``'s axial slices (shape from
+    the file's header) in the background, while the files are read."""
+    from ..metrics import reader
+
+    shape = reader.peek_shape(path, depth) if hasattr(ext, "warm") else None
+    if shape is not None:
+        s, w, h = shape
+        ext.warm((min(s, batch), 1, h, w))
+
+
+def queue_reads(pool, paths, depth, tag: str) -> list:
+    """Submit ``paths`` to ``pool`` under ``(tag, index)`` ahead of need (e.g. while their content is hashed
+    to look up the cache); keys already pending are left as they are. The keys."""
+    keys = [(tag, i) for i in range(len(paths))]
+    pending = pool.pending()
+    for k, p in zip(keys, paths):
+        if k not in pending:
+            pool.submit(k, p, depth)
+    return keys
+
+
+class _ContentHashes:
+    """sha256 of each file's bytes: from the memo (path, size, mtime) where known; the others hashed by
+    ``pool``'s reader processes, queued at once ahead of their reads (else by threads here)."""
+
+    def __init__(self, paths, pool=None):
+        from ..metrics.weights import known_sha256
+
+        self.paths, self.pool = list(paths), pool
+        self.out = [known_sha256(p) for p in self.paths]
+        self.todo = [i for i, d in enumerate(self.out) if d is None]  # files never hashed before
+        self.keys = pool.queue_digests([self.paths[i] for i in self.todo]) if self.todo and pool else None
+
+    def ready(self) -> bool:
+        """Whether ``result`` can answer without waiting for the readers."""
+        if self.keys is not None:
+            got = self.pool.collect(self.keys, wait=False)
+            if got is None:
+                return False
+            self._remember(got)
+        return True
+
+    def result(self) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..metrics.weights import sha256_file
+
+        if self.keys is not None:
+            self._remember(self.pool.collect(self.keys))
+        todo = [i for i in self.todo if self.out[i] is None]  # none left unless a worker could not read one:
+        if todo:  # hashing it here names the problem
+            with ThreadPoolExecutor(max(1, min(16, len(todo)))) as ex:
+                for i, d in zip(todo, ex.map(sha256_file, [self.paths[i] for i in todo])):
+                    self.out[i] = d
+        return self.out
+
+    def _remember(self, got) -> None:
+        from ..metrics.weights import remember_sha256
+
+        self.keys = None
+        for i, d in zip(self.todo, got):
+            if d is not None:
                 digest, size, mtime = d.split(":")
-                remember_sha256(paths[i], digest, int(size), int(mtime))
-                out[i] = digest
-        todo = [i for i in todo if out[i] is None]
-    if todo:
-        with ThreadPoolExecutor(max(1, min(16, len(todo)))) as ex:
-            for i, d in zip(todo, ex.map(sha256_file, [paths[i] for i in todo])):
-                out[i] = d
-    return out
+                remember_sha256(self.paths[i], digest, int(size), int(mtime))
+                self.out[i] = digest
+
+
+def _file_identity(paths, pool=None) -> list:
+    """sha256 of each file's bytes (``_ContentHashes``), waited for."""
+    return _ContentHashes(paths, pool).result()
 
 
 def _feature_cache_entry(folder, identities, ext, planes, depth):
@@ -456,14 +527,27 @@ def _write_entry(entry, f, g) -> None:
         logging.getLogger("medgen").warning("cannot write the feature cache (%s): %s", entry.parent, exc)
 
 
+def _load_entry(entry):
+    """(features, groups) of a feature-cache entry, or None (missing, or torn: recomputed)."""
+    if not entry.is_file():
+        return None
+    try:
+        with np.load(entry, allow_pickle=False) as z:
+            return z["features"], z["groups"]
+    except Exception:
+        return None
+
+
 def reference_features(paths, ext, planes: str, depth, cache: bool = True, workers=None, timings=None,
                        pool=None, identities=None, graph=None):
     """Cached reference features (features, groups, hit: bool); the key is the files' content.
 
     The files' sha256 come from ``identities`` when given, else from the memo, else the reader
-    processes hash them (files never seen before, e.g. a dataset copied to scratch) before reading
-    them, so content already cached under other paths is a hit. A new entry is written from a thread
-    while the caller goes on. ``pool``/``graph``: as ``extract``.
+    processes hash them (files never seen before, e.g. a dataset copied to scratch), so content already
+    cached under other paths is a hit. Files never hashed mean a first build most likely: they are read
+    (and the extractor's graph captured) while they are hashed, and the cache is looked up once the
+    hashes are in; a hit then stops the reading. A new entry is written from a thread while the caller
+    goes on. ``pool``/``graph``: as ``extract``.
     """
     import threading
     import time
@@ -475,33 +559,49 @@ def reference_features(paths, ext, planes: str, depth, cache: bool = True, worke
     paths = list(paths)
     n_workers = reader.default_workers(len(paths)) if workers is None else workers
     wait_cache_writes()
+    t0 = time.perf_counter()
     own = None
     if pool is None and n_workers > 0 and reader.HAVE_MEMFD and paths:
         own = pool = reader.ReaderPool.for_files(paths, n_workers)
+    found = {}
+
+    def key(ids):
+        found["entry"] = _feature_cache_entry(folder, ids, ext, planes, depth)
+        found["hit"] = _load_entry(found["entry"])
+        if timings is not None:
+            timings["content_hash_s"] = time.perf_counter() - t0
+        return found["hit"] is not None
+
     try:
-        entry = None
-        if folder:
-            t0 = time.perf_counter()
-            entry = _feature_cache_entry(folder, identities if identities is not None else
-                                         _file_identity(paths, pool), ext, planes, depth)
-            if timings is not None:
-                timings["content_hash_s"] = time.perf_counter() - t0
-            if entry.is_file():
-                try:
-                    with np.load(entry, allow_pickle=False) as z:
-                        return z["features"], z["groups"], True
-                except Exception:  # torn entry: recompute
-                    pass
-        f, g = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool, tag="ref",
-                       graph=graph)
+        hashes = stop = None
+        if folder and identities is None:
+            hashes = _ContentHashes(paths, pool)
+            if hashes.keys is None:
+                identities = hashes.result()
+            else:
+                queue_reads(pool, paths, depth, "ref")
+                if _graphs_for(ext, len(paths), graph):
+                    warm_graph(ext, paths[0], depth)
+
+                def stop():  # after each volume, until the hashes are in
+                    return "entry" not in found and hashes.ready() and key(hashes.result())
+        if folder and identities is not None and key(identities):
+            return (*found["hit"], True)
+        out = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool, tag="ref",
+                      graph=graph, stop=stop)
+        if out is None:  # the cache had it after all
+            pool.discard([("ref", i) for i in range(len(paths))])
+            return (*found["hit"], True)
+        if folder and "entry" not in found and key(hashes.result()):  # extracted before the hashes were in
+            return (*found["hit"], True)
     finally:
         if own is not None:
             own.close()
-    if entry is not None:
-        t = threading.Thread(target=_write_entry, args=(entry, f, g), name="medgen-feature-cache")
+    if folder and found["hit"] is None:
+        t = threading.Thread(target=_write_entry, args=(found["entry"], *out), name="medgen-feature-cache")
         t.start()
         _cache_writes.append(t)
-    return f, g, False
+    return (*out, False)
 
 
 def _gen_inputs(gen: str, modality: str):
@@ -607,9 +707,11 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         seconds["load_network"] = lap()
         la_device = ext.device if ext.device.type == "cuda" else None  # FID's eigendecompositions
         la_warm = features.warm_linalg(la_device) if "fid" in names else None
+        known = identities.result() if identities else None
+        if pool is not None and known and None in known:  # a first build, most likely: read behind the gen
+            queue_reads(pool, ref_files, depth, "ref")
         gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, n_workers, pool=pool, tag="gen")
         seconds["generated"] = lap()
-        known = identities.result() if identities else None
         rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, n_workers, pool=pool,
                                          identities=known if known and None not in known else None)
         seconds["reference"] = lap()

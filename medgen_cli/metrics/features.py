@@ -35,7 +35,8 @@ Speed: inside ``Extractor.graphed()`` a CUDA extractor captures its forward (res
 network) once per input shape in a CUDA graph and replays it: one launch instead of ~300 per batch.
 The first replay of every graph is compared with the eager forward on the same batch; a difference
 beyond ``GRAPH_TOLERANCE`` (relative to the features' scale), or any capture error, turns the graphs
-off with a warning (``graph_info`` says what happened).
+off with a warning (``graph_info`` says what happened). ``warm(shape)`` captures a shape's graph in a
+background thread while the caller reads its first files.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Extractor:
     graph_info: dict = field(default_factory=dict)
     _norm: dict = field(default_factory=dict, repr=False)
     _graphs: dict = field(default_factory=dict, repr=False)
+    _warming: object = field(default=None, repr=False)  # a thread capturing a graph ahead (``warm``)
 
     @property
     def preprocessing(self) -> str:
@@ -141,12 +143,41 @@ class Extractor:
 
         return ctx()
 
+    def warm(self, shape) -> None:
+        """Capture (and check) the graph for float32 inputs of ``shape`` in a background thread, so the
+        capture overlaps the caller's reading; the next call waits for it. A no-op off CUDA, with
+        graphs off, or when that graph exists."""
+        import threading
+
+        import torch
+
+        key = (tuple(shape), torch.float32)
+        if self.device.type != "cuda" or self.graph_info.get("off") or key in self._graphs or self._warming:
+            return
+
+        def work():
+            with torch.cuda.device(self.device):
+                gen = torch.Generator(self.device).manual_seed(0)
+                self._capture(torch.rand(key[0], generator=gen, device=self.device))
+                torch.cuda.current_stream(self.device).synchronize()
+
+        self._warming = threading.Thread(target=work, name="medgen-graph-capture", daemon=True)
+        self._warming.start()
+
     def _replay(self, x):
         """Features from the graph for ``x``'s shape (captured and checked on first sight), or None."""
-        key = (tuple(x.shape), x.dtype)
-        g = self._graphs.get(key)
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        g = self._graphs.get((tuple(x.shape), x.dtype))
         if g is not None:
             return g(x)
+        return self._capture(x)
+
+    def _capture(self, x):
+        """Capture the graph for ``x``'s shape and check its replay against the eager forward: the
+        replay's features (the eager ones if they differ), or None when capture is impossible."""
+        key = (tuple(x.shape), x.dtype)
         if self.graph_info.get("off") or len(self._graphs) >= MAX_GRAPHS:
             return None
         try:

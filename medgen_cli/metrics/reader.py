@@ -163,21 +163,46 @@ def read_raw(path, depth: int | None = None, how: str = "auto"):
     raw = Path(path).read_bytes()
     buf = inflate(raw, how) if raw[:2] == b"\x1f\x8b" else raw
     lay = nifti1_layout(buf)
-    if lay is None:
+    hwd = None if lay is None else _hwd(lay)
+    if hwd is None:
         return None
-    shape = list(lay["shape"])
-    while len(shape) > 3 and shape[-1] == 1:
-        shape.pop()
-    if len(shape) not in (2, 3):
-        return None
-    shape = shape + [1] if len(shape) == 2 else shape
-    h, w, d = shape
+    h, w, d = hwd
     size = int(lay["dtype"][2:])
     if lay["offset"] + h * w * d * size > len(buf):
         return None  # truncated: nibabel names the problem
     s = min(d, depth) if depth else d
     data = memoryview(buf)[lay["offset"]:lay["offset"] + h * w * s * size]
     return data, lay["dtype"], (s, w, h), lay["slope"], lay["inter"]
+
+
+def _hwd(lay: dict):
+    """(H, W, D) of a layout as ``read_raw`` takes it (trailing singletons dropped, 2-D as D=1), or None."""
+    shape = list(lay["shape"])
+    while len(shape) > 3 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) not in (2, 3):
+        return None
+    return tuple(shape + [1] if len(shape) == 2 else shape)
+
+
+def peek_shape(path, depth: int | None = None):
+    """The ``(S, W, H)`` that ``read_raw`` would give for ``path``, from its first few kilobytes (the
+    header alone), or None where it cannot tell."""
+    import zlib
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 12)
+        if head[:2] == b"\x1f\x8b":
+            head = zlib.decompressobj(31).decompress(head, NIFTI1_SINGLE_MIN_OFFSET)
+    except (OSError, zlib.error):
+        return None
+    lay = nifti1_layout(head)
+    hwd = None if lay is None else _hwd(lay)
+    if hwd is None:
+        return None
+    h, w, d = hwd
+    return (min(d, depth) if depth else d), w, h
 
 
 def native_bytes(data: memoryview, dtype: str):
@@ -312,6 +337,7 @@ class ReaderPool:
         self.partial = {w: b"" for w in range(len(self.procs))}
         self.dead: set[int] = set()
         self._digest_ids = itertools.count()
+        self._discarded: set = set()  # keys of running reads nobody will take (``discard``)
 
     @classmethod
     def for_files(cls, paths, workers: int | None = None, slots: int | None = None, inflate: str = "auto"):
@@ -332,6 +358,10 @@ class ReaderPool:
         return len(self.procs)
 
     # -- queueing
+    def pending(self) -> set:
+        """Keys submitted and not yet taken (queued, running or done)."""
+        return {k for k, _, _ in self.queue} | {b[0] for b in self.busy.values()} | set(self.done)
+
     def submit(self, key, path, depth: int | None) -> None:
         path = Path(path)
         if "\n" in str(path):  # not expressible in the line protocol: the caller reads it itself
@@ -343,15 +373,38 @@ class ReaderPool:
     def digests(self, paths) -> list:
         """``file_digest`` of each path, hashed by the workers ahead of any queued reads (None where a
         worker could not: the caller hashes that file itself, which reports the problem)."""
+        return self.collect(self.queue_digests(paths))
+
+    def queue_digests(self, paths) -> list:
+        """Queue the ``digests`` tasks without waiting; their keys, for ``collect``."""
         keys = [(DigestTask, next(self._digest_ids)) for _ in paths]
         for k, p in reversed(list(zip(keys, paths))):
             if "\n" in str(p):
                 self.done[k] = None
             else:
                 self.queue.appendleft((k, Path(p), None))
+        self._dispatch()
+        return keys
+
+    def collect(self, keys, wait: bool = True) -> list | None:
+        """The digests queued under ``keys``; ``wait`` False: None unless every one is in already."""
+        self._poll(None if wait else 0)
         while any(k not in self.done for k in keys):
+            if not wait:
+                return None
             self._poll()
         return [self.done.pop(k) for k in keys]
+
+    def discard(self, keys) -> None:
+        """Forget reads submitted under ``keys``: queued ones are dropped, finished ones give their slot
+        back, running ones give it back when they finish."""
+        keys = set(keys)
+        self.queue = deque(t for t in self.queue if t[0] not in keys)
+        for k in keys & set(self.done):
+            v = self.done.pop(k)
+            if v is not None:
+                v.release()
+        self._discarded |= {b[0] for b in self.busy.values()} & keys
 
     def _dispatch(self) -> None:
         while self.queue and self.idle and (self.free or self.queue[0][2] is None):
@@ -393,6 +446,9 @@ class ReaderPool:
         """A task that gave nothing: its slot back; a read → a Volume for nibabel, a digest → None."""
         if slot is not None:
             self.free.append(slot)
+        if key in self._discarded:
+            self._discarded.discard(key)
+            return
         self.done[key] = None if digest_task else Volume(key, path, None, None, None, reason)
 
     def _on_line(self, w: int, line: str) -> None:
@@ -412,6 +468,9 @@ class ReaderPool:
         arr = np.ndarray(shape, np.dtype(dtype), buffer=self.mm, offset=slot * self.slot_bytes)
         self.done[key] = Volume(key, path, arr, None if slope == "None" else float(slope),
                                 None if inter == "None" else float(inter), "", lambda s=slot: self._release(s))
+        if key in self._discarded:
+            self._discarded.discard(key)
+            self.done.pop(key).release()
 
     def _poll(self, timeout: float | None = None) -> None:
         """Read the replies that are there (waiting up to ``timeout``; None: until one comes)."""
@@ -502,7 +561,7 @@ def open_source(paths, depth: int | None, workers: int, pool: ReaderPool | None 
     paths = [Path(p) for p in paths]
     if pool is not None:
         keys = [(tag, i) for i in range(len(paths))]
-        queued = {k for k, _, _ in pool.queue} | {b[0] for b in pool.busy.values()} | set(pool.done)
+        queued = pool.pending()
         for k, p in zip(keys, paths):
             if k not in queued:
                 pool.submit(k, p, depth)
