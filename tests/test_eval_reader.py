@@ -262,8 +262,8 @@ def test_pool_discard_gives_every_slot_back(tmp_path, monkeypatch):
         return not pool.pending() and len(pool.free) == pool.nslots
 
     with reader.ReaderPool(2, slot_bytes=32 * 32 * 4 * 4, slots=3) as pool:
-        keys = job.queue_reads(pool, files, None, "x")
-        assert job.queue_reads(pool, files, None, "x") == keys and len(pool.pending()) == 6  # not twice
+        keys = pool.submit_files(files, None, "x")
+        assert pool.submit_files(files, None, "x") == keys and len(pool.pending()) == 6  # not twice
         pool._poll()  # some finished, some running, some queued
         pool.discard(keys)
         assert drained(pool)

@@ -433,17 +433,6 @@ def warm_graph(ext, path, depth, batch: int = SLICE_BATCH) -> None:
         ext.warm((min(s, batch), 1, h, w))
 
 
-def queue_reads(pool, paths, depth, tag: str) -> list:
-    """Submit ``paths`` to ``pool`` under ``(tag, index)`` ahead of need (e.g. while their content is hashed
-    to look up the cache); keys already pending are left as they are. The keys."""
-    keys = [(tag, i) for i in range(len(paths))]
-    pending = pool.pending()
-    for k, p in zip(keys, paths):
-        if k not in pending:
-            pool.submit(k, p, depth)
-    return keys
-
-
 class _ContentHashes:
     """sha256 of each file's bytes: from the memo (path, size, mtime) where known; the others hashed by
     ``pool``'s reader processes, queued at once ahead of their reads (else by threads here)."""
@@ -579,20 +568,19 @@ def reference_features(paths, ext, planes: str, depth, cache: bool = True, worke
             if hashes.keys is None:
                 identities = hashes.result()
             else:
-                queue_reads(pool, paths, depth, "ref")
+                pool.submit_files(paths, depth, "ref")
                 if _graphs_for(ext, len(paths), graph):
                     warm_graph(ext, paths[0], depth)
 
                 def stop():  # after each volume, until the hashes are in
                     return "entry" not in found and hashes.ready() and key(hashes.result())
-        if folder and identities is not None and key(identities):
-            return (*found["hit"], True)
-        out = extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings, pool=pool, tag="ref",
-                      graph=graph, stop=stop)
-        if out is None:  # the cache had it after all
-            pool.discard([("ref", i) for i in range(len(paths))])
-            return (*found["hit"], True)
-        if folder and "entry" not in found and key(hashes.result()):  # extracted before the hashes were in
+        hit = folder and identities is not None and key(identities)
+        out = None if hit else extract(paths, ext, "ref", planes, depth, workers=n_workers, timings=timings,
+                                       pool=pool, tag="ref", graph=graph, stop=stop)
+        # out None: a hit (found before or while reading); else the hashes may have come in after the reading
+        if out is None or (folder and "entry" not in found and key(hashes.result())):
+            if pool is not None:
+                pool.discard([("ref", i) for i in range(len(paths))])  # reads queued ahead
             return (*found["hit"], True)
     finally:
         if own is not None:
@@ -709,7 +697,7 @@ def feature_metric(names, gen: str, ref: str, data=None, extractor: str | None =
         la_warm = features.warm_linalg(la_device) if "fid" in names else None
         known = identities.result() if identities else None
         if pool is not None and known and None in known:  # a first build, most likely: read behind the gen
-            queue_reads(pool, ref_files, depth, "ref")
+            pool.submit_files(ref_files, depth, "ref")
         gf, gg = extract(gen_files, ext, "gen", planes, depth, binary, n_workers, pool=pool, tag="gen")
         seconds["generated"] = lap()
         rf, rg, hit = reference_features(ref_files, ext, planes, depth, cache, n_workers, pool=pool,

@@ -158,8 +158,7 @@ class Extractor:
         def work():
             with torch.cuda.device(self.device):
                 gen = torch.Generator(self.device).manual_seed(0)
-                self._capture(torch.rand(key[0], generator=gen, device=self.device))
-                torch.cuda.current_stream(self.device).synchronize()
+                self._capture(torch.rand(key[0], generator=gen, device=self.device))  # ends with a host sync
 
         self._warming = threading.Thread(target=work, name="medgen-graph-capture", daemon=True)
         self._warming.start()

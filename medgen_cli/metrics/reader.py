@@ -362,6 +362,16 @@ class ReaderPool:
         """Keys submitted and not yet taken (queued, running or done)."""
         return {k for k, _, _ in self.queue} | {b[0] for b in self.busy.values()} | set(self.done)
 
+    def submit_files(self, paths, depth: int | None, tag) -> list:
+        """Submit ``paths`` under the keys ``(tag, index)`` (those already pending are left as they are,
+        so files can be queued ahead of need); the keys."""
+        keys = [(tag, i) for i in range(len(paths))]
+        pending = self.pending()
+        for k, p in zip(keys, paths):
+            if k not in pending:
+                self.submit(k, p, depth)
+        return keys
+
     def submit(self, key, path, depth: int | None) -> None:
         path = Path(path)
         if "\n" in str(path):  # not expressible in the line protocol: the caller reads it itself
@@ -388,7 +398,8 @@ class ReaderPool:
 
     def collect(self, keys, wait: bool = True) -> list | None:
         """The digests queued under ``keys``; ``wait`` False: None unless every one is in already."""
-        self._poll(None if wait else 0)
+        if not wait:
+            self._poll(0)
         while any(k not in self.done for k in keys):
             if not wait:
                 return None
@@ -560,12 +571,7 @@ def open_source(paths, depth: int | None, workers: int, pool: ReaderPool | None 
     """
     paths = [Path(p) for p in paths]
     if pool is not None:
-        keys = [(tag, i) for i in range(len(paths))]
-        queued = pool.pending()
-        for k, p in zip(keys, paths):
-            if k not in queued:
-                pool.submit(k, p, depth)
-        for v in pool.take(keys):
+        for v in pool.take(pool.submit_files(paths, depth, tag)):
             yield v.key[1], v
         return
     if workers <= 0:
