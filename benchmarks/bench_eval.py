@@ -1,7 +1,9 @@
 """Evaluation speed: slices/s from cold .nii.gz to features (reference build), beside a plain torchvision
-ResNet50 loop, each stage alone (reading+inflating, network eager and from a CUDA graph), and the
-process wall time of `medgen eval fid` against a cached reference. Self-checks that the fast path's
-features equal the plain path's (nibabel + CPU preprocessing + eager network).
+ResNet50 loop, each stage alone (reading+inflating, network eager and from a CUDA graph), `medgen eval
+fid` run cold (its reference phase builds the reference: slices/s; and its process wall), and its
+process wall against a cached reference. Self-checks that the fast path's features equal the plain
+path's (nibabel + CPU preprocessing + eager network). `--build-only`: the builds alone (first builds
+through the cache path, builds without it at several reader counts, cold `medgen eval fid`).
 
     python benchmarks/bench_eval.py --out bench.json                       # GPU: 105 ref + 25 gen, 256x256x150
     python benchmarks/bench_eval.py --device cpu --n-ref 4 --n-gen 2 --size 64 --depth 8 --plain-n 32 --net-reps 1
