@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def reading_only(files, depth, workers, inflate="auto", copy_to=None):
             "workers": workers, "inflate": inflater}
 
 
-def build(job, files, ext, depth, device, graph, cache, workers=None, pool=None):
+def build(job, files, ext, depth, device, graph, cache, workers=None):
     """A cold reference build (content hashes when cached, reading, device preprocessing, network)."""
     timings = {}
     _sync(device)
@@ -158,8 +159,7 @@ def build(job, files, ext, depth, device, graph, cache, workers=None, pool=None)
         f, g, hit = job.reference_features(files, ext, "axial", depth, cache=True, timings=timings, graph=graph,
                                            workers=workers)
     else:
-        f, g = job.extract(files, ext, "ref", "axial", depth, timings=timings, graph=graph, workers=workers,
-                           pool=pool)
+        f, g = job.extract(files, ext, "ref", "axial", depth, timings=timings, graph=graph, workers=workers)
         hit = False
     _sync(device)
     dt = time.perf_counter() - t
@@ -245,8 +245,6 @@ def main():
         d = float((torch.from_numpy(f[:len(want)]) - want).abs().max())
         scale = float(want.abs().max())
         return {"max_abs_diff": d, "feature_max_abs": scale, "ok": d <= 1e-3 * (1 + scale)}
-
-    import shutil
 
     # `medgen eval fid` in fresh processes: cold (its own empty cache: the reference is built inside the
     # command, as a first `medgen eval fid --ref train` does), then against the reference cached above
