@@ -1,7 +1,7 @@
 """Where a training step or one sampling evaluation spends its time on the GPU (torch.profiler).
 
     python benchmarks/profile_step.py --preset 2d-pixel-128 --what train [--set train.compile=true ...]
-    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval
+    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops] [--copies]
 
 Prints one JSON object: wall seconds per step, GPU busy seconds per step (sum of kernel times), kernel
 launches per step, and the kernels that take the most GPU time, grouped by kind (convolution, GEMM,
@@ -38,11 +38,31 @@ def kind(name: str) -> str:
     return "other"
 
 
-def profile(fn, steps: int) -> dict:
+def copy_origins(p, steps: int) -> list:
+    """Which CPU op launched each copy kernel, with its input shapes and the compiled graph or autograd
+    node it ran in (visible only without CUDA graphs: a graph replay hides its ops)."""
+    found: dict = defaultdict(lambda: [0.0, 0])
+    for e in p.events():
+        for k in getattr(e, "kernels", []):
+            if kind(k.name) != "copy":
+                continue
+            chain, a = [], e.cpu_parent
+            while a is not None:
+                if re.search(r"Compiled|Backward|Optimizer|autograd|clip|ema|##", a.name):
+                    chain.append(a.name[:60])
+                a = a.cpu_parent
+            key = (e.name, str(e.input_shapes)[:120], " < ".join(chain[:3]))
+            found[key][0] += k.duration / 1e6 / steps
+            found[key][1] += 1
+    return [{"op": op, "shapes": sh, "within": w, "s": round(v[0], 5), "calls": v[1] // steps}
+            for (op, sh, w), v in sorted(found.items(), key=lambda kv: -kv[1][0])[:25]]
+
+
+def profile(fn, steps: int, copies: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
     wall = bench_unet.timed(fn, steps)  # 3 warm-up calls, then the mean of `steps`
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=copies) as p:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
@@ -59,7 +79,8 @@ def profile(fn, steps: int) -> dict:
     return {"wall_s": round(wall, 5), "gpu_busy_s": round(busy, 5), "busy_share": round(busy / wall, 3),
             "launches_per_step": sum(v[1] for v in per_kernel.values()) // steps,
             "by_kind_s": {k: round(v, 5) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": n[:110], "s": round(v[0], 5), "calls": v[1] // steps} for n, v in top]}
+            "top_kernels": [{"name": n[:110], "s": round(v[0], 5), "calls": v[1] // steps} for n, v in top],
+            **({"copy_origins": copy_origins(p, steps)} if copies else {})}
 
 
 def main() -> None:
@@ -68,14 +89,21 @@ def main() -> None:
     ap.add_argument("--what", choices=["train", "fast-eval", "eval"], default="train")
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--copies", action="store_true", help="say which ops launch the copy kernels")
+    ap.add_argument("--plain-ops", action="store_true",
+                    help="keep MONAI's modules (no engine.fastpath.exact_fast_ops), for comparison")
     a = ap.parse_args()
+    if a.plain_ops:
+        import medgen_cli.engine.fastpath as fastpath
+
+        fastpath.exact_fast_ops = lambda module: module
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
     preset = load(a.preset, a.set).preset
     image, cond = bench_unet.batch_for(preset, dev)
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
-    out = {"preset": a.preset, "what": a.what, "set": a.set, "batch": preset.train.batch_size,
+    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "batch": preset.train.batch_size,
            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":
@@ -95,7 +123,7 @@ def main() -> None:
         fn()
     torch.cuda.synchronize()
     out["first_call_s"] = round(time.perf_counter() - t, 2)
-    out.update(profile(fn, a.steps))
+    out.update(profile(fn, a.steps, a.copies))
     print(json.dumps(out, indent=1))
 
 

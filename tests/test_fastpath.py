@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgen_cli.engine.fastpath import FastNet, channels_last, to_channels_last
+from medgen_cli.engine.fastpath import FastNet, channels_last, exact_fast_ops, to_channels_last
 from medgen_cli.models.unet import build_unet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,6 +53,40 @@ def test_channels_last_keeps_values_and_changes_strides():
         y = to_channels_last(tiny_unet(3))(channels_last(x), t)
     assert rel_err(y, ref) < 1e-5
     assert channels_last(x).stride() != x.stride()
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
+    """The swapped 3D input/output convolutions and upsampling equal MONAI's modules (fp32, forward and
+    backward) and keep the state dict; in 2D only the upsampling is swapped."""
+    import copy
+
+    names = lambda net: {type(m).__name__ for m in net.modules()}  # noqa: E731
+    net = tiny_unet(3).train()
+    with torch.no_grad():  # MONAI zero-initialises some convolutions: no gradient would reach conv_in
+        for p in net.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    fast = exact_fast_ops(copy.deepcopy(net))
+    assert names(fast) - names(net) == {"_DepthFoldConv3d", "_PaddedOutConv3d", "_RepeatUpsample"}
+    assert list(fast.state_dict()) == list(net.state_dict())
+    x, t = inputs(3)
+    x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold
+    if layout:
+        fast, x = to_channels_last(fast), channels_last(x)
+    ys = [m(x, t) for m in (net, fast)]
+    assert rel_err(ys[1], ys[0]) < 1e-5
+    for y in ys:
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (net, fast)]
+    assert rel_err(grads[1], grads[0]) < 1e-5
+    for m in (net.conv_in.conv, net.out[-1].conv):  # the swapped convolutions' own weights
+        name = next(n for n, p in net.named_parameters() if p is m.weight)
+        a, b = m.weight.grad, fast.get_parameter(name).grad
+        assert a.abs().max() > 0 and rel_err(b, a) < 1e-5, name
+    up = torch.nn.Upsample(scale_factor=(2.0, 3.0), mode="nearest")
+    z = torch.randn(2, 3, 4, 5)
+    assert torch.equal(exact_fast_ops(copy.deepcopy(up))(z), up(z))
+    assert names(exact_fast_ops(tiny_unet(2))) - names(tiny_unet(2)) == {"_RepeatUpsample"}  # 2D convs stay
 
 
 def test_self_conditioned_network_is_seen_through():

@@ -105,9 +105,9 @@ class Trainer:
                               "train.batch_size", "use a global batch size divisible by the number of GPUs")
         self.local_batch = cfg.batch_size // world.size
         if getattr(cfg, "compile", False) and device.type == "cuda":
-            from .fastpath import to_channels_last  # compiled convolutions run fastest channels-last
+            from .fastpath import exact_fast_ops, to_channels_last  # compiled convolutions run fastest channels-last
 
-            to_channels_last(self.model)
+            to_channels_last(exact_fast_ops(self.model))
         # What the training step calls: the DDP wrapper, or the model sharded in place by FSDP (engine/parallel.py)
         self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"))
         self.net = self.parallel.wrap(self.model)
