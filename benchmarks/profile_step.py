@@ -1,7 +1,7 @@
 """Where a training step or one sampling evaluation spends its time on the GPU (torch.profiler).
 
     python benchmarks/profile_step.py --preset 2d-pixel-128 --what train [--set train.compile=true ...]
-    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops] [--copies]
+    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops | --group-norm] [--copies]
 
 Prints one JSON object: wall seconds per step, GPU busy seconds per step (sum of kernel times), kernel
 launches per step, and the kernels that take the most GPU time, grouped by kind (convolution, GEMM,
@@ -12,6 +12,7 @@ bound; busy ≈ wall means the kernels are, and the table says which.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -92,18 +93,22 @@ def main() -> None:
     ap.add_argument("--copies", action="store_true", help="say which ops launch the copy kernels")
     ap.add_argument("--plain-ops", action="store_true",
                     help="keep MONAI's modules (no engine.fastpath.exact_fast_ops), for comparison")
+    ap.add_argument("--group-norm", action="store_true",
+                    help="also swap GroupNorm (exact_fast_ops(group_norm=True), not on by default)")
     a = ap.parse_args()
-    if a.plain_ops:
-        import medgen_cli.engine.fastpath as fastpath
+    import medgen_cli.engine.fastpath as fastpath
 
+    if a.plain_ops:
         fastpath.exact_fast_ops = lambda module: module
+    elif a.group_norm:
+        fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=True)
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
     preset = load(a.preset, a.set).preset
     image, cond = bench_unet.batch_for(preset, dev)
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
-    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "batch": preset.train.batch_size,
+    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "group_norm": a.group_norm, "batch": preset.train.batch_size,
            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

@@ -89,6 +89,45 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
     assert names(exact_fast_ops(tiny_unet(2))) - names(tiny_unet(2)) == {"_RepeatUpsample"}  # 2D convs stay
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_strided_group_norm_equals_group_norm_and_keeps_the_layout(dims):
+    import copy
+
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(gn.weight), torch.nn.init.normal_(gn.bias)
+    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)), group_norm=True)[0]
+    assert type(ours).__name__ == "_StridedGroupNorm"
+    assert type(exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)))[0]) is torch.nn.GroupNorm  # off by default
+    x = channels_last(torch.randn(2, 16, *((5,) * dims)) * 3 + 1).requires_grad_()
+    ys = [m(x) for m in (gn, ours)]
+    assert rel_err(ys[1], ys[0]) < 1e-5 and ys[1].stride() == x.stride()  # channels-last in and out
+    g = torch.randn_like(ys[0])
+    grads = [torch.autograd.grad(y, (x, m.weight, m.bias), g) for y, m in zip(ys, (gn, ours))]
+    for a, b in zip(*grads):
+        assert rel_err(b, a) < 1e-5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype autocast gives GroupNorm
+        a, b = gn(x.bfloat16()), ours(x.bfloat16())
+    assert a.dtype == b.dtype and rel_err(b.float(), a.float()) < 1e-2
+    with torch.no_grad():  # bf16 weights, no autocast (the sampling fast path): bf16 out
+        a, b = copy.deepcopy(gn).bfloat16()(x.bfloat16()), copy.deepcopy(ours).bfloat16()(x.bfloat16())
+    assert a.dtype == b.dtype == torch.bfloat16 and rel_err(b.float(), a.float()) < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_strided_group_norm_under_cuda_autocast_and_compile():
+    import copy
+
+    gn = torch.nn.GroupNorm(4, 16).cuda()
+    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)), group_norm=True)[0]
+    x = channels_last(torch.randn(1, 16, 6, 8, 10, device="cuda")).bfloat16()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b, c = gn(x), ours(x), torch.compile(ours)(x)
+    assert a.dtype == b.dtype == c.dtype == torch.float32
+    assert rel_err(b, a) < 1e-5 and rel_err(c, a) < 1e-5 and c.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_self_conditioned_network_is_seen_through():
     from medgen_cli.models.selfcond import ATTR, channels
 
