@@ -5,7 +5,7 @@ optimizer, EMA when on), seconds per network evaluation (bf16, no grad), peak GP
 ratio plain/medgen (> 1 means medgen is faster). Needs a CUDA GPU.
 
     python benchmarks/bench_unet.py [--presets 3d-pixel-128 3d-pixel-256 2d-pixel-128 2d-pixel-256] [--iters 10]
-        [--compile] [--budget 520]
+        [--compile] [--budget 520] [--variants medgen plain ...]
 
 With --compile it adds medgen compiled (train.compile: channels-last, torch.compile, fused AdamW; and
 again with train.compile_mode="reduce-overhead": each step replayed from CUDA graphs),
@@ -162,6 +162,9 @@ def plain_sample25(net, dev, image, cond):
     return run
 
 
+VARIANTS = ["medgen", "medgen-nockpt", "medgen-compiled", "medgen-graphs", "plain", "plain-compiled"]
+
+
 def over_budget(args) -> bool:
     return time.perf_counter() - T0 > args.budget
 
@@ -179,6 +182,7 @@ def bench(name: str, args) -> dict:
         variants.append(("medgen-compiled", ["model.gradient_checkpointing=false", "train.compile=true"]))
         variants.append(("medgen-graphs", ["model.gradient_checkpointing=false", "train.compile=true",
                                            'train.compile_mode="reduce-overhead"']))
+    variants = [v for v in variants if v[0] in args.variants]
     for label, sets in variants:
         if over_budget(args):
             out[f"{label}"] = "skipped: time budget"
@@ -215,12 +219,13 @@ def bench(name: str, args) -> dict:
     image, cond = batch_for(preset, dev)
     net = step = None
     try:
-        net, step = plain_step(preset, dev, image, cond)
-        out["plain_step_s"] = timed(step, iters)
-        out["plain_peak_gib"] = peak(step)
-        out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
-        out["plain_sample25_s"] = timed(plain_sample25(net, dev, image, cond), 2, warmup=1)
-        if args.compile and not over_budget(args):
+        if "plain" in args.variants:
+            net, step = plain_step(preset, dev, image, cond)
+            out["plain_step_s"] = timed(step, iters)
+            out["plain_peak_gib"] = peak(step)
+            out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
+            out["plain_sample25_s"] = timed(plain_sample25(net, dev, image, cond), 2, warmup=1)
+        if args.compile and "plain-compiled" in args.variants and not over_budget(args):
             cnet, cstep = plain_step(preset, dev, image, cond, compiled=True)
             t0 = time.perf_counter()
             cstep()
@@ -262,6 +267,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add the compiled variants (minutes of compiling)")
     ap.add_argument("--device", default="cuda", help="cuda (figures) or cpu (a smoke run of small presets)")
     ap.add_argument("--budget", type=float, default=520.0, help="seconds after which no new variant starts")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS,
+                    help="run only these (a 3D preset's compiled variants take minutes each: split them "
+                         "over calls, e.g. --variants medgen-graphs plain-compiled)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu with a small preset)")
