@@ -105,6 +105,11 @@ def rand_keyed(keys, device="cpu") -> torch.Tensor:
     draws = [torch.rand((), generator=keyed_generator(*k)) for k in keys]
     u = torch.stack(draws) if draws else torch.empty(0)  # (B,)
     u = torch.where(u > 0, u, torch.full_like(u, 2.0**-25))
+    if torch.device(device).type == "cuda":
+        # A blocking copy from pageable memory waits for all queued GPU work: once per training step
+        # that kept the host from queueing the next step (the GPU idled while it launched). From pinned
+        # memory the copy is queued like a kernel; the pinned block is held until the copy has run.
+        return u.pin_memory().to(device, non_blocking=True)
     return u.to(device)
 
 

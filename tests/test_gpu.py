@@ -39,3 +39,63 @@ def test_cuda_and_cpu_sampling_agree(cli, tiny_preset, phantom_root, tmp_path):
         assert cli("sample", "--run", run, "--out", tmp_path / dev, "--n", 1, "--device", dev).code == 0
     a, b = (nib.load(str(tmp_path / d / "00000" / "bravo.nii.gz")).get_fdata() for d in ("cpu", "cuda"))
     assert np.abs(a - b).max() < 1e-3
+
+
+def test_a_training_step_never_waits_for_the_gpu(tmp_path):
+    """No host sync inside `Trainer._step` (CUDA's sync debug mode raises on one), so the host queues the
+    next step while the GPU runs this one; the keyed times equal the CPU's draws."""
+    from medgen_cli.config import load
+    from medgen_cli.engine.trainer import Trainer
+    from medgen_cli.jobs import build
+    from medgen_cli.runtime import rand_keyed
+
+    keys = [(1, 2, i) for i in range(4)]
+    assert torch.equal(rand_keyed(keys, "cuda").cpu(), rand_keyed(keys, "cpu"))
+    dev = torch.device("cuda")
+    preset = load("2d-unet-tiny-128", ["train.batch_size=2", "train.ema.enabled=true"]).preset
+    image = torch.rand(2, 1, 128, 128, device=dev)
+    cond = (torch.rand_like(image) > 0.99).float()
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"image": image[i].cpu(), "cond": cond[i].cpu()}
+
+    tr = Trainer(build.build_model(preset), build.build_strategy(preset), Items(), Items(), preset.train,
+                 tmp_path / "run", "{}", dev)
+    for _ in range(2):  # first steps may set up (cuDNN, allocator)
+        tr._step(image, cond)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = tr._step(image, cond)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(stats["loss"])
+
+
+def test_a_guided_euler_step_never_waits_for_the_gpu():
+    """The sampler's field with dynamic CFG, at a host time as the fixed-step solvers pass it: no sync."""
+    from medgen_cli.config import load
+    from medgen_cli.engine.sampling import CountingNet, Guidance, GuidedNet, _drift
+    from medgen_cli.jobs import build
+
+    preset = load("2d-unet-tiny-128").preset
+    dev = torch.device("cuda")
+    net = build.build_model(preset).to(dev).eval()
+    cond = torch.zeros(1, 1, 32, 32, device=dev)
+    guided = GuidedNet(CountingNet(net, cond), Guidance(2.0, 1.0), torch.zeros_like(cond), 1000)
+    f = _drift(build.build_strategy(preset), guided, 1)
+    x = torch.randn(1, 1, 32, 32, device=dev)
+    t = torch.tensor(0.6, dtype=torch.float64)  # what the fixed-step solvers pass
+    with torch.no_grad():
+        f(x, t)  # first call sets up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            v = f(x, t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert v.shape == x.shape and bool(torch.isfinite(v).all())

@@ -69,10 +69,11 @@ class Guidance:
     scale: float = 1.0
     scale_end: float | None = None
 
-    def weight(self, t: float) -> float:
+    def weight(self, t):
+        """w at normalised time ``t`` (a float, or a tensor: then a tensor, computed where it lives)."""
         if self.scale_end is None:
             return self.scale
-        return self.scale_end + (self.scale - self.scale_end) * float(t)
+        return self.scale_end + (self.scale - self.scale_end) * t
 
     @property
     def active(self) -> bool:
@@ -94,7 +95,9 @@ class GuidedNet:
         cond = torch.cat([self.counted.cond, self.null], dim=0)  # (2B, C_cond, ...)
         out = self.counted(torch.cat([x, x], dim=0), torch.cat([model_t, model_t], dim=0), cond)
         c, u = out[:b].float(), out[b:].float()
-        w = self.g.weight(float(model_t.reshape(-1)[0]) / self.T)
+        w = self.g.weight(model_t.float().reshape(-1)[:1] / self.T)  # (1,) on the device, or a float: no host sync
+        if isinstance(w, torch.Tensor):
+            w = w.reshape(1, *[1] * (c.ndim - 1))
         return (u + w * (c - u)).to(out.dtype)
 
 
@@ -129,7 +132,11 @@ class Batch:
 
 
 def batch_time(t, batch: int, device) -> torch.Tensor:
-    return torch.as_tensor(t, dtype=torch.float32, device=device).reshape(1).expand(batch)  # (B,)
+    """``t`` (a float or a one-element tensor) as a float32 (B,) tensor on ``device``. A host time becomes a
+    fill on the device: copying it from pageable memory would wait for all queued GPU work each step."""
+    if isinstance(t, torch.Tensor) and t.device != torch.device("cpu"):
+        return t.to(device=device, dtype=torch.float32).reshape(1).expand(batch)
+    return torch.full((batch,), float(t), dtype=torch.float32, device=device)  # (B,)
 
 
 def _drift(strategy, net, b: int):
