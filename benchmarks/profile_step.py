@@ -108,8 +108,8 @@ def main() -> None:
     preset = load(a.preset, a.set).preset
     image, cond = bench_unet.batch_for(preset, dev)
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
-    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "group_norm": a.group_norm, "batch": preset.train.batch_size,
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "group_norm": a.group_norm,
+           "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":
         fn = step
