@@ -105,12 +105,21 @@ def rand_keyed(keys, device="cpu") -> torch.Tensor:
     draws = [torch.rand((), generator=keyed_generator(*k)) for k in keys]
     u = torch.stack(draws) if draws else torch.empty(0)  # (B,)
     u = torch.where(u > 0, u, torch.full_like(u, 2.0**-25))
-    if torch.device(device).type == "cuda":
-        # A blocking copy from pageable memory waits for all queued GPU work: once per training step
-        # that kept the host from queueing the next step (the GPU idled while it launched). From pinned
-        # memory the copy is queued like a kernel; the pinned block is held until the copy has run.
-        return u.pin_memory().to(device, non_blocking=True)
-    return u.to(device)
+    return to_device(u, device)
+
+
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t.to(device, dtype)`` without a host sync when a CPU tensor goes to a GPU.
+
+    A blocking copy from pageable memory waits for all queued GPU work, so one inside a training step
+    keeps the host from queueing the next step while the GPU runs this one (the GPU then idles while the
+    host launches). From pinned memory the copy is queued like a kernel; PyTorch holds the pinned block
+    until the copy has run. Used for the small per-step tensors drawn or built on the CPU.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return t.pin_memory().to(device, dtype, non_blocking=True)
+    return t.to(device, dtype)  # (inside torch.compile: traced as an ordinary copy, as before)
 
 
 # --------------------------------------------------------------------------- device and precision

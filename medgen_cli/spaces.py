@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
+from .runtime import to_device
+
 KINDS = ("pixel", "s2d", "wavelet")
 MAX_STATS_ITEMS = 200
 
@@ -73,12 +75,12 @@ def _mix(z: torch.Tensor, m: torch.Tensor, dims: int) -> torch.Tensor:
 
 def dwt(x: torch.Tensor, dims: int) -> torch.Tensor:
     """One-level orthonormal Haar DWT: (B, C, *spatial) → (B, C·2^dims, *spatial/2)."""
-    return _mix(space_to_depth(x, dims), haar_matrix(dims).to(x.device), dims)
+    return _mix(space_to_depth(x, dims), to_device(haar_matrix(dims), x.device), dims)
 
 
 def idwt(z: torch.Tensor, dims: int) -> torch.Tensor:
     """Inverse Haar DWT (the matrix is orthogonal: its inverse is its transpose)."""
-    return depth_to_space(_mix(z, haar_matrix(dims).t().to(z.device), dims), dims)
+    return depth_to_space(_mix(z, to_device(haar_matrix(dims).t(), z.device), dims), dims)
 
 
 def subband_names(dims: int) -> list[str]:
@@ -131,7 +133,7 @@ class Space:
 
     def _stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1) + (1,) * self.dims
-        m, s = self.mean.to(z.device, z.dtype), self.std.to(z.device, z.dtype)
+        m, s = to_device(self.mean, z.device, z.dtype), to_device(self.std, z.device, z.dtype)
         if m.numel() != z.shape[1]:
             raise ValueError(f"space statistics have {m.numel()} channels, the data {z.shape[1]}")
         return m.view(shape), s.view(shape)

@@ -47,10 +47,16 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path):
     from medgen_cli.config import load
     from medgen_cli.engine.trainer import Trainer
     from medgen_cli.jobs import build
-    from medgen_cli.runtime import rand_keyed
+    from medgen_cli.runtime import rand_keyed, to_device
 
     keys = [(1, 2, i) for i in range(4)]
     assert torch.equal(rand_keyed(keys, "cuda").cpu(), rand_keyed(keys, "cpu"))
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # the helper the per-step CPU-built tensors go through
+        moved = to_device(torch.arange(5.0), "cuda", torch.float16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert moved.dtype == torch.float16 and torch.equal(moved.cpu(), torch.arange(5.0).half())
     dev = torch.device("cuda")
     preset = load("2d-unet-tiny-128", ["train.batch_size=2", "train.ema.enabled=true"]).preset
     image = torch.rand(2, 1, 128, 128, device=dev)

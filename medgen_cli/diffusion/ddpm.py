@@ -151,7 +151,7 @@ class DDPM:
         mt = torch.full((x.shape[0],), float(k), device=x.device)  # (B,)
         work = torch.promote_types(x.dtype, torch.float32)  # at least fp32; fp64 stays fp64
         pred = net(x, mt).to(work)  # (B, C, *spatial)
-        a = self.alphas_cumprod[k].to(device=x.device, dtype=work)
+        a = torch.full((), float(self.alphas_cumprod[k]), device=x.device, dtype=work)  # a fill: no host sync
         a_next = float(self.alphas_cumprod[k_next]) if k_next is not None else 1.0
         eps, x0 = self._eps_x0(x.to(work), pred, a)
         return (a_next**0.5 * x0 + (1.0 - a_next) ** 0.5 * eps).to(x.dtype)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import keyed_generator
+from ..runtime import keyed_generator, to_device
 
 OMEGA_DIM = 36
 N_PATTERNS = 16
@@ -161,7 +161,7 @@ class Op:
             x = x.clone()
             x[..., y0:y0 + ch, x0:x0 + cw] = 0
         if self.pattern is not None:
-            x = x * pattern_mask(self.pattern, *x.shape[-2:]).to(x.device, x.dtype)
+            x = x * to_device(pattern_mask(self.pattern, *x.shape[-2:]), x.device, x.dtype)
         if self.brightness is not None and intensity:
             x = x * self.brightness
         return x
@@ -267,4 +267,4 @@ class ScoreAug:
         return torch.cat(parts, dim=1), op.apply(target)
 
     def omega(self, op: Op, batch: int, device) -> torch.Tensor:
-        return op.encode(self.identity_flag).to(device).expand(batch, -1)
+        return to_device(op.encode(self.identity_flag), device).expand(batch, -1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..models.selfcond import channels
-from ..runtime import rand_keyed
+from ..runtime import rand_keyed, to_device
 
 
 def picks(seed: int, stream: int, step: int, first: int, local: int, world: int, p: float, device):
@@ -54,7 +54,7 @@ class SelfCondNet:
         if self.run:
             prev = self.estimate(inp, mt, **kwargs)
             if self.use is not None:
-                keep = self.use.to(inp.device).reshape(-1, *([1] * (inp.ndim - 1)))
+                keep = to_device(self.use, inp.device).reshape(-1, *([1] * (inp.ndim - 1)))
                 prev = torch.where(keep, prev, torch.zeros_like(prev))
         return self.net(inp, mt, x0_prev=prev, **kwargs)
 

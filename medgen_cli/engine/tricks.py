@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ..runtime import to_device
+
 
 def snr(strategy, t: torch.Tensor, unsquared: bool = False) -> torch.Tensor:
     """Signal-to-noise ratio at normalised time t (B,): rflow ((1-t)/t)^2, DDPM abar/(1-abar)."""
@@ -52,7 +54,7 @@ def add_grad_noise(params, sigma: float, step: int, generator: torch.Generator) 
     for p in params:
         if p.grad is not None:
             z = torch.randn(p.grad.shape, generator=generator, dtype=torch.float32)
-            p.grad.add_(z.to(p.grad.device, p.grad.dtype), alpha=s)
+            p.grad.add_(to_device(z, p.grad.device, p.grad.dtype), alpha=s)
 
 
 class SpikeGuard:
@@ -116,7 +118,7 @@ class FeaturePerturbation:
         if not module.training:
             return out
         z = torch.randn(out.shape, generator=self.generator, dtype=torch.float32)
-        return out + self.std * z.to(out.device, out.dtype)
+        return out + self.std * to_device(z, out.device, out.dtype)
 
 
 @torch.no_grad()
@@ -165,7 +167,7 @@ def regional_weight_map(mask: torch.Tensor, weights: dict, fov_mm: float = 240.0
         lut = np.array([weights["background"]] + [weights[rano_class(d)] for d in tumour_diameters(m[b], spacing)],
                        dtype=np.float32)
         out[b] = lut[labels]
-    return torch.from_numpy(out)[:, None].to(mask.device)
+    return to_device(torch.from_numpy(out)[:, None], mask.device)
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,

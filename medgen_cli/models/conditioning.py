@@ -29,6 +29,8 @@ import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
+from ..runtime import to_device
+
 MODE_STRATEGIES = ("full", "dropout", "film", "late", "none")
 
 
@@ -227,16 +229,16 @@ class OmegaConditioned(nn.Module):
     def _hook(self, module, args, out):
         om = self._omega
         om = self.identity(out.shape[0], out.device) if om is None else om.reshape(-1, OMEGA_DIM)
-        return self.omega_embed(out, om.to(out.device).expand(out.shape[0], -1))
+        return self.omega_embed(out, to_device(om, out.device).expand(out.shape[0], -1))
 
     def scale_by_mode(self, x: torch.Tensor, omega: torch.Tensor | None):
         """(x with its image channels scaled by the modality factor, omega (B, 36) with dims 32–35 = one-hot)."""
         n, b = self.mode_intensity_channels, x.shape[0]
         onehot = x[:, -N_MODALITIES:].float().flatten(2).mean(-1)  # (B, 4): one-hot, or zeros when dropped
-        table = torch.tensor(MODE_INTENSITY, device=x.device, dtype=torch.float32)
+        table = to_device(torch.tensor(MODE_INTENSITY, dtype=torch.float32), x.device)
         scale = 1.0 + onehot @ (table - 1.0)  # (B,): the modality's factor, 1 without a modality
         scaled = x[:, :n] * scale.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        om = self.identity(b, x.device) if omega is None else omega.reshape(-1, OMEGA_DIM).to(x.device).float()
+        om = self.identity(b, x.device) if omega is None else to_device(omega.reshape(-1, OMEGA_DIM), x.device).float()
         om = om.expand(b, -1).clone()
         om[:, OMEGA_MODE_DIMS] = onehot
         return torch.cat([scaled, x[:, n:]], dim=1), om
