@@ -8,11 +8,11 @@ the UNet's first two levels this times, bf16, batch 1:
 
 - ``ndhwc``: ``F.conv3d`` on channels-last-3d tensors (what the compiled model runs);
 - ``ncdhw``: the same on contiguous tensors;
-- ``pad8``: input and/or output channels zero-padded to a multiple of 8 (exact: the padding weights
-  are zero), for the 2-channel input conv and the 1-channel output conv that fall back to a non-tensor-
-  core kernel;
-- ``fold2d``: the 3×3×3 conv as one 2D conv over the depth-stacked neighbours (input (D, 3C, H, W),
-  weight (C_out, 3C, 3, 3)), exact up to summation order.
+- ``pad8``: channels zero-padded to 8 (exact: the padding weights are zero): the output channels of
+  the 1-channel output conv (``engine.fastpath._PaddedOutConv3d``, kept), the input channels of the
+  2-channel input conv (tried, not kept);
+- ``fold2d``: the 3×3×3 conv as one 2D conv over the depth-stacked neighbours
+  (``engine.fastpath._DepthFoldConv3d``; kept for the input conv only), exact up to summation order.
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medgen_cli.engine.fastpath import _DepthFoldConv3d, _PaddedOutConv3d, to_channels_last  # noqa: E402
 
 
 def ms(fn, iters: int) -> float:
@@ -39,35 +45,23 @@ def ms(fn, iters: int) -> float:
     return a.elapsed_time(b) / iters
 
 
-def pad_channels(x: torch.Tensor, to: int, dim: int) -> torch.Tensor:
-    n = x.shape[dim]
-    if n >= to:
-        return x
-    shape = list(x.shape)
-    shape[dim] = to - n
-    return torch.cat([x, x.new_zeros(shape)], dim)
+def conv_module(cin: int, cout: int, k: int, swap=None) -> nn.Conv3d:
+    """A bf16 CUDA ``nn.Conv3d`` (padding k//2), its class swapped for one of ``engine.fastpath``'s exact
+    equivalents when ``swap`` is given (same parameters)."""
+    torch.manual_seed(0)
+    m = nn.Conv3d(cin, cout, k, padding=k // 2).to("cuda", torch.bfloat16)
+    if swap is not None:
+        m.__class__ = swap
+    return m
 
 
-def conv_pad8(x, w, b):
-    """Exact: zero input channels with zero weights; extra output channels sliced off."""
-    cin, cout = w.shape[1], w.shape[0]
-    cin8, cout8 = -(-cin // 8) * 8, -(-cout // 8) * 8
-    wp = pad_channels(pad_channels(w, cin8, 1), cout8, 0)
-    bp = pad_channels(b, cout8, 0)
-    xp = pad_channels(x, cin8, 1).contiguous(memory_format=torch.channels_last_3d)
-    return F.conv3d(xp, wp.contiguous(memory_format=torch.channels_last_3d), bp, padding=w.shape[-1] // 2)[:, :cout]
-
-
-def conv_fold2d(x, w, b):
-    """3×3×3 conv (padding 1) as a 2D conv over (depth-1, depth, depth+1) stacked as channels."""
-    B, C, D, H, W = x.shape
-    xl = x.permute(0, 2, 3, 4, 1)  # (B, D, H, W, C) view of a channels-last tensor
-    xp = F.pad(xl, (0, 0, 0, 0, 0, 0, 1, 1))  # zero slices before and after along D
-    stacked = torch.cat([xp[:, 0:D], xp[:, 1:D + 1], xp[:, 2:D + 2]], dim=-1)  # (B, D, H, W, 3C)
-    inp = stacked.reshape(B * D, H, W, 3 * C).permute(0, 3, 1, 2)  # NCHW view, channels-last strides
-    w2 = w.permute(0, 2, 1, 3, 4).reshape(w.shape[0], 3 * C, 3, 3).contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(inp, w2, b, padding=1)  # (B·D, Cout, H, W)
-    return y.reshape(B, D, w.shape[0], H, W).permute(0, 2, 1, 3, 4)
+def pad_in8(m: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Tried and not kept: input channels zero-padded to 8 (zero weights), exact."""
+    extra = 8 - m.in_channels
+    xp = torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], 1).contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.cat([m.weight, m.weight.new_zeros(m.out_channels, extra, *m.weight.shape[2:])], 1)
+    return F.conv3d(xp, w.contiguous(memory_format=torch.channels_last_3d), m.bias, padding=m.padding)
 
 
 def main() -> None:
@@ -87,36 +81,36 @@ def main() -> None:
              ("res1", 32, 32, 3, half), ("up1_in", 64, 32, 3, half)]
     for name, cin, cout, k, sp in convs:
         x = torch.randn(1, cin, *sp, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(cout, cin, k, k, k, device=dev, dtype=torch.bfloat16) / (cin * k ** 3) ** 0.5
-        b = torch.randn(cout, device=dev, dtype=torch.bfloat16)
-        xl, wl = x.contiguous(memory_format=torch.channels_last_3d), w.contiguous(memory_format=torch.channels_last_3d)
-        forms = {"ndhwc": lambda x=xl, w=wl: F.conv3d(x, w, b, padding=k // 2),
-                 "ncdhw": lambda: F.conv3d(x, w, b, padding=k // 2)}
-        if cin % 8 or cout % 8:
-            forms["pad8"] = lambda: conv_pad8(xl, w, b)
+        xl = x.contiguous(memory_format=torch.channels_last_3d)
+        base = conv_module(cin, cout, k)
+        mods = {"ndhwc": (to_channels_last(conv_module(cin, cout, k)), xl), "ncdhw": (base, x)}
         if k == 3:
-            forms["fold2d"] = lambda: conv_fold2d(xl, w, b)
-        ref = forms["ndhwc"]().float()
+            mods["fold2d"] = (to_channels_last(conv_module(cin, cout, k, _DepthFoldConv3d)), xl)
+        if cout < 8:
+            mods["pad8"] = (to_channels_last(conv_module(cin, cout, k, _PaddedOutConv3d)), xl)
+        forms = {f: (lambda m=m, inp=inp: m(inp)) for f, (m, inp) in mods.items()}
+        if cin < 8:
+            forms["pad8"] = lambda: pad_in8(base, xl)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():
+            ref = forms["ndhwc"]().float()
             for f, fn in forms.items():
                 row[f + "_ms"] = round(ms(fn, a.iters), 3)
                 row[f + "_maxdiff"] = float((fn().float() - ref).abs().max())
         if a.backward:
             for f, fn in forms.items():
-                xg = (xl if f != "ncdhw" else x).detach().requires_grad_(True)
-                wg = (wl if f == "ndhwc" else w).detach().requires_grad_(True)
-                fb = {"ndhwc": lambda: F.conv3d(xg, wg, b, padding=k // 2),
-                      "ncdhw": lambda: F.conv3d(xg, wg, b, padding=k // 2),
-                      "pad8": lambda: conv_pad8(xg, wg, b), "fold2d": lambda: conv_fold2d(xg, wg, b)}[f]
+                inp = mods[f][1] if f in mods else xl
+                weight = (mods[f][0] if f in mods else base).weight
 
-                def step(fb=fb, xg=xg, wg=wg):
-                    y = fb()
-                    gx, gw = torch.autograd.grad(y, (xg, wg), torch.ones_like(y))
+                def step(fn=fn, inp=inp, weight=weight):
+                    inp.requires_grad_(True)
+                    y = fn()
+                    torch.autograd.grad(y, (inp, weight), torch.ones_like(y))
                 row[f + "_fwdbwd_ms"] = round(ms(step, a.iters), 3)
+                inp.requires_grad_(False)
         print(json.dumps(row), flush=True)
-        del x, w, xl, wl, ref
+        del x, xl, mods, forms, base, ref
         torch.cuda.empty_cache()
 
 
