@@ -57,8 +57,8 @@ def test_channels_last_keeps_values_and_changes_strides():
 
 @pytest.mark.parametrize("layout", [False, True])
 def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
-    """The swapped 3D input/output convolutions and upsampling equal MONAI's modules (fp32, forward and
-    backward) and keep the state dict; in 2D only the upsampling is swapped."""
+    """The swapped 3D input/output convolutions, upsampling and GroupNorm equal MONAI's modules (fp32,
+    forward and backward) and keep the state dict; in 2D the convolutions stay."""
     import copy
 
     names = lambda net: {type(m).__name__ for m in net.modules()}  # noqa: E731
@@ -67,7 +67,8 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
         for p in net.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     fast = exact_fast_ops(copy.deepcopy(net))
-    assert names(fast) - names(net) == {"_DepthFoldConv3d", "_PaddedOutConv3d", "_RepeatUpsample"}
+    assert names(fast) - names(net) == {"_DepthFoldConv3d", "_PaddedOutConv3d", "_RepeatUpsample",
+                                        "_ChannelStatsGroupNorm"}
     assert list(fast.state_dict()) == list(net.state_dict())
     x, t = inputs(3)
     x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold
@@ -86,19 +87,19 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
     up = torch.nn.Upsample(scale_factor=(2.0, 3.0), mode="nearest")
     z = torch.randn(2, 3, 4, 5)
     assert torch.equal(exact_fast_ops(copy.deepcopy(up))(z), up(z))
-    assert names(exact_fast_ops(tiny_unet(2))) - names(tiny_unet(2)) == {"_RepeatUpsample"}  # 2D convs stay
+    assert names(exact_fast_ops(tiny_unet(2))) - names(tiny_unet(2)) == {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_strided_group_norm_equals_group_norm_and_keeps_the_layout(dims):
+def test_channel_stats_group_norm_equals_group_norm_and_keeps_the_layout(dims):
     import copy
 
     torch.manual_seed(0)
     gn = torch.nn.GroupNorm(4, 16)
     torch.nn.init.normal_(gn.weight), torch.nn.init.normal_(gn.bias)
-    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)), group_norm=True)[0]
-    assert type(ours).__name__ == "_StridedGroupNorm"
-    assert type(exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)))[0]) is torch.nn.GroupNorm  # off by default
+    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)))[0]
+    assert type(ours).__name__ == "_ChannelStatsGroupNorm"
+    assert type(exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)), group_norm=False)[0]) is torch.nn.GroupNorm
     x = channels_last(torch.randn(2, 16, *((5,) * dims)) * 3 + 1).requires_grad_()
     ys = [m(x) for m in (gn, ours)]
     assert rel_err(ys[1], ys[0]) < 1e-5 and ys[1].stride() == x.stride()  # channels-last in and out
@@ -116,11 +117,11 @@ def test_strided_group_norm_equals_group_norm_and_keeps_the_layout(dims):
 
 @pytest.mark.gpu
 @cuda
-def test_strided_group_norm_under_cuda_autocast_and_compile():
+def test_channel_stats_group_norm_under_cuda_autocast_and_compile():
     import copy
 
     gn = torch.nn.GroupNorm(4, 16).cuda()
-    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)), group_norm=True)[0]
+    ours = exact_fast_ops(torch.nn.Sequential(copy.deepcopy(gn)))[0]
     x = channels_last(torch.randn(1, 16, 6, 8, 10, device="cuda")).bfloat16()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b, c = gn(x), ours(x), torch.compile(ours)(x)

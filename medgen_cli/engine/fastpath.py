@@ -104,36 +104,41 @@ class _RepeatUpsample(nn.Upsample):
         return x.reshape(view).expand(big).reshape(out)
 
 
-class _StridedGroupNorm(nn.GroupNorm):
-    """GroupNorm from elementwise ops and ``var_mean`` over a channel view, so outputs keep the input's
-    memory layout (channels-last in, channels-last out) in eager strides, which Inductor follows.
+class _ChannelStatsGroupNorm(nn.GroupNorm):
+    """GroupNorm from per-channel statistics, so that every op keeps the input's memory layout.
 
     ``aten.native_group_norm`` declares contiguous outputs whatever its input, and Inductor fixes the
-    layout of a tensor that feeds a convolution backward to those declared strides, so cuDNN copies it
-    back to channels-last (suspected source of the 117 copies, 4.3 ms, of the compiled 3D 128 training
-    step; benchmarks/NOTES.md, session 6). Statistics in float32; output in float32 under CUDA autocast
-    (its policy for GroupNorm), else in the input's dtype. Not on by default: not yet measured on a GPU
-    (``exact_fast_ops(group_norm=True)``; ``benchmarks/profile_step.py --group-norm``).
+    layout of a tensor that feeds a convolution backward to those declared strides, so cuDNN copies each
+    such input back to channels-last (117 copies, 4.3 ms, in the compiled 3D 128 training step;
+    benchmarks/NOTES.md, session 6). Here the statistics are reduced per channel over space (a reduction
+    along the channels-last tensor's outer dimension) and combined per group exactly (equal counts: the
+    group variance is the mean of the channel variances plus the variance of the channel means); the
+    normalisation is then one per-channel scale and shift. Statistics in float32; output in float32 under
+    CUDA autocast (its policy for GroupNorm), else in the input's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C = x.shape[1]
-        xu = x.float().unflatten(1, (self.num_groups, C // self.num_groups))  # (B, G, C/G, *spatial): a view
-        var, mean = torch.var_mean(xu, dim=tuple(range(2, xu.ndim)), correction=0, keepdim=True)
-        y = ((xu - mean) * torch.rsqrt(var + self.eps)).flatten(1, 2)
+        B, C, G = x.shape[0], x.shape[1], self.num_groups
+        var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # (B, C)
+        mean_c, var_c = mean_c.view(B, G, C // G), var_c.view(B, G, C // G)
+        mean_g = mean_c.mean(2, keepdim=True)
+        var_g = var_c.mean(2, keepdim=True) + (mean_c - mean_g).square().mean(2, keepdim=True)
+        scale = torch.rsqrt(var_g + self.eps).expand(B, G, C // G).reshape(B, C)
+        shift = -mean_g.expand(B, G, C // G).reshape(B, C) * scale
         if self.affine:
-            shape = (C,) + (1,) * (x.ndim - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        shape = (B, C) + (1,) * (x.ndim - 2)
+        y = torch.addcmul(shift.view(shape), x.float(), scale.view(shape))
         cuda_autocast = x.device.type == "cuda" and torch.is_autocast_enabled("cuda")  # GroupNorm: fp32 policy
         return y if cuda_autocast else y.to(x.dtype)
 
 
-def exact_fast_ops(module: nn.Module, group_norm: bool = False) -> nn.Module:
+def exact_fast_ops(module: nn.Module, group_norm: bool = True) -> nn.Module:
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
-    channels, and nearest upsampling by an integer factor (classes above); with ``group_norm`` also
-    GroupNorm (:class:`_StridedGroupNorm`, not yet measured). Only the classes change:
+    channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above.
+    Only the classes change:
     parameters, buffers and state-dict keys stay, so checkpoints are unaffected. Used where the
     network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
     """
@@ -149,7 +154,7 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = False) -> nn.Module:
                         (m.scale_factor if isinstance(m.scale_factor, tuple) else (m.scale_factor,))):
             m.__class__ = _RepeatUpsample
         elif group_norm and type(m) is nn.GroupNorm:
-            m.__class__ = _StridedGroupNorm
+            m.__class__ = _ChannelStatsGroupNorm
     return module
 
 
