@@ -12,7 +12,10 @@ the UNet's first two levels this times, bf16, batch 1:
   the 1-channel output conv (``engine.fastpath._PaddedOutConv3d``, kept), the input channels of the
   2-channel input conv (tried, not kept);
 - ``fold2d``: the 3×3×3 conv as one 2D conv over the depth-stacked neighbours
-  (``engine.fastpath._DepthFoldConv3d``; kept for the input conv only), exact up to summation order.
+  (``engine.fastpath._DepthFoldConv3d``; kept for the input conv only), exact up to summation order;
+- ``triton`` (with ``--triton``, forward only): Inductor's own Triton convolution template, autotuned over
+  its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
+  ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN.
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=160)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--triton", action="store_true", help="also time Inductor's autotuned Triton conv template")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
@@ -91,6 +95,10 @@ def main() -> None:
         forms = {f: (lambda m=m, inp=inp: m(inp)) for f, (m, inp) in mods.items()}
         if cin < 8:
             forms["pad8"] = lambda: pad_in8(base, xl)
+        if a.triton:
+            opts = {"max_autotune": True, "max_autotune_conv_backends": "TRITON"}
+            compiled = torch.compile(to_channels_last(conv_module(cin, cout, k)), dynamic=False, options=opts)
+            forms["triton"] = lambda m=compiled: m(xl)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():
@@ -100,6 +108,8 @@ def main() -> None:
                 row[f + "_maxdiff"] = float((fn().float() - ref).abs().max())
         if a.backward:
             for f, fn in forms.items():
+                if f == "triton":  # Inductor has no Triton template for the 3D convolution backward
+                    continue
                 inp = mods[f][1] if f in mods else xl
                 weight = (mods[f][0] if f in mods else base).weight
 

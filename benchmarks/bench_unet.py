@@ -53,6 +53,9 @@ def timed(fn, iters: int, warmup: int = 3) -> float:
 
 
 def peak(fn) -> float:
+    """GiB allocated at most during one ``fn()``, counted from a reset after the warm-up. A step replayed
+    from CUDA graphs allocates nothing while it runs (its activations live in the graphs' private pool),
+    so for ``medgen-graphs`` this is the resident state only; ``*_reserved_gib`` holds the pool too."""
     if not torch.cuda.is_available():
         fn()
         return float("nan")
@@ -198,6 +201,8 @@ def bench(name: str, args) -> dict:
         out[f"{label}_first_step_s"] = time.perf_counter() - t0
         out[f"{label}_step_s"] = timed(step, iters)
         out[f"{label}_peak_gib"] = peak(step)
+        if dev.type == "cuda":
+            out[f"{label}_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
         if sets is None:
             out["medgen_eval_s"] = timed(evaluation(tr.model.eval(), dev, image, cond), iters)
             out["medgen_sample25_s"] = timed(sample25(tr, dev, image, cond), 2, warmup=1)

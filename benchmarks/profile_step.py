@@ -95,6 +95,8 @@ def main() -> None:
                     help="keep MONAI's modules (no engine.fastpath.exact_fast_ops), for comparison")
     ap.add_argument("--native-group-norm", action="store_true",
                     help="keep MONAI's GroupNorm, swap the rest (exact_fast_ops(group_norm=False)), for comparison")
+    ap.add_argument("--autotune-convs", action="store_true",
+                    help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
@@ -108,7 +110,8 @@ def main() -> None:
     preset = load(a.preset, a.set).preset
     image, cond = bench_unet.batch_for(preset, dev)
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
-    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops, "native_group_norm": a.native_group_norm,
+    out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
+           "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":
@@ -120,7 +123,7 @@ def main() -> None:
         if a.what == "fast-eval":
             from medgen_cli.engine.fastpath import FastNet
 
-            net = FastNet(tr.model.eval(), dev)
+            net = FastNet(tr.model.eval(), dev, autotune_convs=a.autotune_convs)
             fn = lambda: net(x, tt)  # noqa: E731
         else:
             ev = bench_unet.evaluation(tr.model.eval(), dev, image, cond)
@@ -129,7 +132,8 @@ def main() -> None:
     torch.cuda.synchronize()
     out["first_call_s"] = round(time.perf_counter() - t, 2)
     out.update(profile(fn, a.steps, a.copies))
-    out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # since process start
+    out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     print(json.dumps(out, indent=1))
 
 

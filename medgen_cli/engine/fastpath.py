@@ -166,7 +166,8 @@ class FastNet(nn.Module):
     """
 
     def __init__(self, net: nn.Module, device: torch.device, *, compile: bool = True, graphs: bool | None = None,
-                 dtype: torch.dtype | None = None, layout: bool | None = None, max_graphs: int = 8):
+                 dtype: torch.dtype | None = None, layout: bool | None = None, max_graphs: int = 8,
+                 autotune_convs: bool = False):
         super().__init__()
         cuda = torch.device(device).type == "cuda"
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if cuda else torch.float32)
@@ -177,7 +178,10 @@ class FastNet(nn.Module):
         self.module = to_channels_last(exact_fast_ops(inner)) if self.layout else inner  # "module": as DDP
         if compile:
             persistent_compile_cache()
-        self.fn = torch.compile(self.module, dynamic=False) if compile else self.module
+        # autotune_convs (CUDA): Inductor times its Triton convolution templates against cuDNN, per conv, at
+        # the first call (minutes for a 3D UNet; cached). Off: not yet measured (benchmarks/NOTES.md, session 7).
+        options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"} if autotune_convs and cuda else None
+        self.fn = torch.compile(self.module, dynamic=False, options=options) if compile else self.module
         self.graphs: dict[tuple, tuple] = {}
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
