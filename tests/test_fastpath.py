@@ -113,6 +113,8 @@ def test_channel_stats_group_norm_equals_group_norm_and_keeps_the_layout(dims):
     with torch.no_grad():  # bf16 weights, no autocast (the sampling fast path): bf16 out
         a, b = copy.deepcopy(gn).bfloat16()(x.bfloat16()), copy.deepcopy(ours).bfloat16()(x.bfloat16())
     assert a.dtype == b.dtype == torch.bfloat16 and rel_err(b.float(), a.float()) < 1e-2
+    flat = torch.randn(3, 16)  # (B, C): no spatial dimensions, GroupNorm's own path
+    assert rel_err(ours(flat), gn(flat)) < 1e-6
 
 
 @pytest.mark.gpu

@@ -118,6 +118,8 @@ class _ChannelStatsGroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 3:  # (B, C): no spatial dimensions to reduce per channel
+            return super().forward(x)
         B, C, G = x.shape[0], x.shape[1], self.num_groups
         var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # (B, C)
         mean_c, var_c = mean_c.view(B, G, C // G), var_c.view(B, G, C // G)
@@ -138,9 +140,9 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True) -> nn.Module:
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
     channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above.
-    Only the classes change:
-    parameters, buffers and state-dict keys stay, so checkpoints are unaffected. Used where the
-    network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
+    Only the classes change: parameters, buffers and state-dict keys stay, so checkpoints are
+    unaffected. Used where the network is compiled on a GPU (training with ``train.compile``, the
+    sampling fast path).
     """
     for m in module.modules():
         if type(m) is nn.Conv3d and m.groups == 1 and m.padding_mode == "zeros":
