@@ -15,7 +15,9 @@ the UNet's first two levels this times, bf16, batch 1:
   (``engine.fastpath._DepthFoldConv3d``; kept for the input conv only), exact up to summation order;
 - ``triton`` (with ``--triton``, forward only): Inductor's own Triton convolution template, autotuned over
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
-  ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN.
+  ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
+- ``ours32/64/128`` (with ``--triton``, forward only, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``, our
+  kernel, at three row-block widths (``FastNet(triton_convs=True)``).
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -99,6 +101,11 @@ def main() -> None:
             opts = {"max_autotune": True, "max_autotune_conv_backends": "TRITON"}
             compiled = torch.compile(to_channels_last(conv_module(cin, cout, k)), dynamic=False, options=opts)
             forms["triton"] = lambda m=compiled: m(xl)
+            if k == 3:
+                from medgen_cli.engine.triton_conv import conv3x3x3
+
+                for bw in (32, 64, 128):
+                    forms[f"ours{bw}"] = lambda m=base, bw=bw: conv3x3x3(xl, m.weight, m.bias, block_w=bw)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():
@@ -108,7 +115,7 @@ def main() -> None:
                 row[f + "_maxdiff"] = float((fn().float() - ref).abs().max())
         if a.backward:
             for f, fn in forms.items():
-                if f == "triton":  # Inductor has no Triton template for the 3D convolution backward
+                if f == "triton" or f.startswith("ours"):  # forward-only kernels
                     continue
                 inp = mods[f][1] if f in mods else xl
                 weight = (mods[f][0] if f in mods else base).weight

@@ -97,6 +97,8 @@ def main() -> None:
                     help="keep MONAI's GroupNorm, swap the rest (exact_fast_ops(group_norm=False)), for comparison")
     ap.add_argument("--autotune-convs", action="store_true",
                     help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
+    ap.add_argument("--triton-convs", action="store_true",
+                    help="fast-eval: FastNet(triton_convs=True), engine/triton_conv.py for the small 3×3×3 convs")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
@@ -112,6 +114,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
+           "triton_convs": a.triton_convs,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":
@@ -123,7 +126,7 @@ def main() -> None:
         if a.what == "fast-eval":
             from medgen_cli.engine.fastpath import FastNet
 
-            net = FastNet(tr.model.eval(), dev, autotune_convs=a.autotune_convs)
+            net = FastNet(tr.model.eval(), dev, autotune_convs=a.autotune_convs, triton_convs=a.triton_convs)
             fn = lambda: net(x, tt)  # noqa: E731
         else:
             ev = bench_unet.evaluation(tr.model.eval(), dev, image, cond)

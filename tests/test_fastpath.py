@@ -141,11 +141,12 @@ def test_self_conditioned_network_is_seen_through():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dims,autotune", [(2, False), (3, False), (3, True)])
-def test_compiled_graph_path_matches_eager_fp32_on_cuda(dims, autotune):
+@pytest.mark.parametrize("dims,options", [(2, {}), (3, {}), (3, {"autotune_convs": True}),
+                                           (3, {"triton_convs": True})])
+def test_compiled_graph_path_matches_eager_fp32_on_cuda(dims, options):
     dev = torch.device("cuda")
     net = tiny_unet(dims).to(dev)
-    fast = FastNet(net, dev, autotune_convs=autotune)  # bf16, channels-last, compile, CUDA graphs
+    fast = FastNet(net, dev, **options)  # bf16, channels-last, compile, CUDA graphs
     for seed in (1, 2):  # a second input through the same graph: its inputs are really copied in
         x, t = inputs(dims, device=dev)
         x = x + seed

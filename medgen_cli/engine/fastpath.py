@@ -169,7 +169,7 @@ class FastNet(nn.Module):
 
     def __init__(self, net: nn.Module, device: torch.device, *, compile: bool = True, graphs: bool | None = None,
                  dtype: torch.dtype | None = None, layout: bool | None = None, max_graphs: int = 8,
-                 autotune_convs: bool = False):
+                 autotune_convs: bool = False, triton_convs: bool = False):
         super().__init__()
         cuda = torch.device(device).type == "cuda"
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if cuda else torch.float32)
@@ -178,6 +178,10 @@ class FastNet(nn.Module):
         self.max_graphs = max_graphs
         inner = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
         self.module = to_channels_last(exact_fast_ops(inner)) if self.layout else inner  # "module": as DDP
+        if triton_convs and cuda:  # our Triton kernel for the small full-resolution 3D convs (not yet measured)
+            from .triton_conv import swap_triton_convs
+
+            swap_triton_convs(self.module)
         if compile:
             persistent_compile_cache()
         # autotune_convs (CUDA): Inductor times its Triton convolution templates against cuDNN, per conv, at

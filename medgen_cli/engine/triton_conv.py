@@ -1,0 +1,126 @@
+"""A Triton forward kernel for the 3D UNet's full-resolution 3×3×3 convolutions (sampling only).
+
+Why: cuDNN spends 2.7–3.3 ms on each 3×3×3 convolution of a 16–32-channel 256×256×160 volume whatever
+its channel count, where moving the tensors takes ~0.15 ms (benchmarks/NOTES.md, session 6); nine of
+them put a floor of ~26 ms under every 256³ evaluation.
+
+How (channels-last input, one program per output row segment): for an output row ``(n, d, h)`` and
+``BLOCK_W`` positions along W, each of the 9 (kd, kh) taps reads one input row, which in channels-last
+memory is a contiguous run of ``W × C_in`` values. The three kw taps of that row are folded into the
+reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for ``j < 3 · C_in`` is exactly the im2col block of
+positions ``w - 1, w, w + 1``, read with one coalesced load, and the weight taps are re-ordered to
+match (``j = kw · C_in + c``, zero rows up to a power of two). So a program does 9 loads and 9 tensor-core
+products ``[BLOCK_W, K] @ [K, C_out]``, accumulates in float32 and adds the bias once.
+
+Exact up to the summation order (float32 accumulation). Forward only: used where no gradient is taken
+(the sampling fast path, ``FastNet(triton_convs=True)``), and not yet measured on a GPU, so off by
+default. Runs anywhere Triton runs, including ``TRITON_INTERPRET=1`` on the CPU (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv3x3x3_rows(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W,
+                       CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, BLOCK_W: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # n·D·H + d·H + h
+        h = row % H
+        d = (row // H) % D
+        n = row // (H * D)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        j = tl.arange(0, K)
+        o = tl.arange(0, COUT)
+        w_in = w[:, None] - 1 + j[None, :] // CIN  # the input position each column of A reads
+        col_ok = (j[None, :] < 3 * CIN) & (w_in >= 0) & (w_in < W)
+        offsets = (w[:, None] - 1) * CIN + j[None, :]
+        acc = tl.full((BLOCK_W, COUT), 0.0, tl.float32)
+        for t in tl.static_range(9):
+            dd = d + t // 3 - 1
+            hh = h + t % 3 - 1
+            ok = (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H)
+            base = ((n * D + dd) * H + hh) * W * CIN
+            a = tl.load(x_ptr + base + offsets, mask=col_ok & ok, other=0.0)
+            b = tl.load(w_ptr + t * K * COUT + j[:, None] * COUT + o[None, :])
+            acc += tl.dot(a, b)
+        acc += tl.load(b_ptr + o).to(tl.float32)[None, :]
+        out = y_ptr + row * W * COUT + w[:, None] * COUT + o[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(w[:, None] < W))
+
+    return conv3x3x3_rows
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_out, C_in, 3, 3, 3) → (9, K, C_out') with row ``kw · C_in + c`` of tap ``kd · 3 + kh`` holding
+    ``weight[:, c, kd, kh, kw]``; K and C_out' padded with zeros to powers of two ≥ 16 (tensor-core
+    shapes). The bias is padded alike."""
+    cout, cin = weight.shape[:2]
+    k, coutp = _pow2(3 * cin), _pow2(cout)
+    w = weight.permute(2, 3, 4, 1, 0).reshape(9, 3 * cin, cout)  # (kd·3+kh, kw·C_in+c, o)
+    w = F.pad(w, (0, coutp - cout, 0, k - 3 * cin)).contiguous()
+    b = bias if bias is not None else weight.new_zeros(cout)
+    return w, F.pad(b, (0, coutp - cout)).contiguous()
+
+
+def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_w: int = 64,
+              num_warps: int = 4) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=1)`` for a channels-last 5-D ``x``, through the Triton kernel;
+    the output is channels-last in ``x``'s dtype."""
+    N, cin, D, H, W = x.shape
+    cout = weight.shape[0]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    wk, bk = fold_weight(weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    coutp = wk.shape[2]
+    y = torch.empty((N, coutp, D, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
+    grid = (N * D * H, -(-W // block_w))
+    _kernel()[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_W=block_w,
+                    num_warps=num_warps)
+    return y[:, :cout] if coutp != cout else y
+
+
+class TritonConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (3×3×3, stride 1, padding 1, zeros) whose no-grad CUDA forward runs :func:`conv3x3x3`;
+    anything else (a gradient to take, a CPU tensor) runs the ordinary convolution. Same parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.is_cuda and x.ndim == 5 and not grad:
+            return torch.ops.medgen.conv3x3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def swap_triton_convs(module: nn.Module, max_channels: int = 32) -> nn.Module:
+    """Swap, in place, every 3×3×3 / stride 1 / padding 1 ``nn.Conv3d`` with at most ``max_channels``
+    input and output channels for :class:`TritonConv3d` (the full-resolution ones in medgen's 3D UNets)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d) and m.groups == 1 and m.padding_mode == "zeros" \
+                and m.kernel_size == (3, 3, 3) and m.stride == (1, 1, 1) and m.padding == (1, 1, 1) \
+                and m.dilation == (1, 1, 1) and m.in_channels <= max_channels and m.out_channels <= max_channels:
+            m.__class__ = TritonConv3d
+    return module
+
+
+@torch.library.custom_op("medgen::conv3x3x3", mutates_args=())
+def _conv3x3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # An opaque op to torch.compile (the kernel launch is captured into the fast path's CUDA graph as is)
+    return conv3x3x3(x, weight, bias).contiguous(memory_format=torch.channels_last_3d)
+
+
+@_conv3x3x3_op.register_fake
+def _(x, weight, bias):
+    N, _, D, H, W = x.shape
+    return x.new_empty((N, weight.shape[0], D, H, W)).contiguous(memory_format=torch.channels_last_3d)
