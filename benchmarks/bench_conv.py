@@ -16,8 +16,8 @@ the UNet's first two levels this times, bf16, batch 1:
 - ``triton`` (with ``--triton``, forward only): Inductor's own Triton convolution template, autotuned over
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
   ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
-- ``ours32/64/128`` (with ``--triton``, forward only, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``, our
-  kernel, at three row-block widths (``FastNet(triton_convs=True)``).
+- ``ours<rows>x<positions>`` (with ``--triton``, forward only, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
+  our kernel, at the tile sizes in ``TILES`` (``FastNet(triton_convs=True)`` uses the default, 2 × 64).
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -35,6 +35,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medgen_cli.engine.fastpath import _DepthFoldConv3d, _PaddedOutConv3d, to_channels_last  # noqa: E402
+
+
+TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # our kernel's (rows, positions along W) per program
 
 
 def ms(fn, iters: int) -> float:
@@ -104,8 +107,8 @@ def main() -> None:
             if k == 3:
                 from medgen_cli.engine.triton_conv import conv3x3x3
 
-                for bw in (32, 64, 128):
-                    forms[f"ours{bw}"] = lambda m=base, bw=bw: conv3x3x3(xl, m.weight, m.bias, block_w=bw)
+                for bh, bw in TILES:
+                    forms[f"ours{bh}x{bw}"] = lambda m=base, bh=bh, bw=bw: conv3x3x3(xl, m.weight, m.bias, bh, bw)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():

@@ -21,21 +21,22 @@ def cl(x):
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("n,cin,cout,spatial,block_w", [
-    (1, 2, 16, (3, 4, 5), 16),     # the 2-channel input conv: K padded 6 → 16
-    (2, 16, 16, (4, 3, 37), 16),   # W not a multiple of the block, batch 2 (the row index carries n)
-    (1, 16, 1, (3, 3, 20), 16),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
-    (1, 32, 32, (2, 3, 9), 32),    # K = 96 padded to 128
+@pytest.mark.parametrize("n,cin,cout,spatial,block_h,block_w", [
+    (1, 2, 16, (3, 4, 5), 1, 16),     # the 2-channel input conv: K padded 6 → 16
+    (2, 16, 16, (4, 3, 37), 2, 16),   # H and W not multiples of the tile, batch 2 (the plane index carries n)
+    (1, 16, 1, (3, 5, 20), 4, 16),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
+    (1, 32, 32, (2, 3, 9), 1, 32),    # K = 96 padded to 128
 ])
-def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_w):
+def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block_w):
     g = torch.Generator().manual_seed(cin + cout)
     x = cl(torch.randn(n, cin, *spatial, generator=g))
     w, b = torch.randn(cout, cin, 3, 3, 3, generator=g), torch.randn(cout, generator=g)
     ref = F.conv3d(x, w, b, padding=1)
-    y = conv3x3x3(x, w, b, block_w=block_w)
+    y = conv3x3x3(x, w, b, block_h=block_h, block_w=block_w)
     assert y.shape == ref.shape
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert (conv3x3x3(x, w, None, block_w=block_w) - F.conv3d(x, w, padding=1)).abs().max() <= 1e-5 * ref.abs().max()
+    no_bias = conv3x3x3(x, w, None, block_h=block_h, block_w=block_w)
+    assert (no_bias - F.conv3d(x, w, padding=1)).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_the_custom_op_is_consistent(interpreted):

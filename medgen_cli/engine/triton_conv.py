@@ -4,13 +4,15 @@ Why: cuDNN spends 2.7–3.3 ms on each 3×3×3 convolution of a 16–32-channel 
 its channel count, where moving the tensors takes ~0.15 ms (benchmarks/NOTES.md, session 6); nine of
 them put a floor of ~26 ms under every 256³ evaluation.
 
-How (channels-last input, one program per output row segment): for an output row ``(n, d, h)`` and
-``BLOCK_W`` positions along W, each of the 9 (kd, kh) taps reads one input row, which in channels-last
-memory is a contiguous run of ``W × C_in`` values. The three kw taps of that row are folded into the
-reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for ``j < 3 · C_in`` is exactly the im2col block of
-positions ``w - 1, w, w + 1``, read with one coalesced load, and the weight taps are re-ordered to
-match (``j = kw · C_in + c``, zero rows up to a power of two). So a program does 9 loads and 9 tensor-core
-products ``[BLOCK_W, K] @ [K, C_out]``, accumulates in float32 and adds the bias once.
+How (channels-last input): a program computes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
+along W of one output plane ``(n, d)``, all output channels. For each of the 9 (kd, kh) taps it reads,
+per output row, one input row, which in channels-last memory is a contiguous run of ``W × C_in`` values.
+The three kw taps of that row are folded into the reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for
+``j < 3 · C_in`` is exactly the im2col block of positions ``w - 1, w, w + 1``, read with one coalesced
+load, and the weight taps are re-ordered to match (``j = kw · C_in + c``, zero rows up to a power of
+two). So a program does 9 loads and 9 tensor-core products ``[BLOCK_H · BLOCK_W, K] @ [K, C_out]``,
+accumulates in float32 and adds the bias once; the kh taps of neighbouring rows in a tile re-read the
+same input rows, which L1 then serves.
 
 Exact up to the summation order (float32 accumulation). Forward only: used where no gradient is taken
 (the sampling fast path, ``FastNet(triton_convs=True)``), and not yet measured on a GPU, so off by
@@ -32,30 +34,30 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def conv3x3x3_rows(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W,
-                       CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, BLOCK_W: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # n·D·H + d·H + h
-        h = row % H
-        d = (row // H) % D
-        n = row // (H * D)
-        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    def conv3x3x3_rows(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN: tl.constexpr, COUT: tl.constexpr,
+                       K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        plane = tl.program_id(0).to(tl.int64)  # n·D + d
+        d = plane % D
+        m = tl.arange(0, BLOCK_H * BLOCK_W)  # the tile's output positions: BLOCK_H rows × BLOCK_W along W
+        h = tl.program_id(1) * BLOCK_H + m // BLOCK_W
+        w = tl.program_id(2) * BLOCK_W + m % BLOCK_W
         j = tl.arange(0, K)
         o = tl.arange(0, COUT)
         w_in = w[:, None] - 1 + j[None, :] // CIN  # the input position each column of A reads
         col_ok = (j[None, :] < 3 * CIN) & (w_in >= 0) & (w_in < W)
         offsets = (w[:, None] - 1) * CIN + j[None, :]
-        acc = tl.full((BLOCK_W, COUT), 0.0, tl.float32)
+        acc = tl.full((BLOCK_H * BLOCK_W, COUT), 0.0, tl.float32)
         for t in tl.static_range(9):
             dd = d + t // 3 - 1
-            hh = h + t % 3 - 1
+            hh = h + t % 3 - 1  # per position: a tile spans BLOCK_H rows
             ok = (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H)
-            base = ((n * D + dd) * H + hh) * W * CIN
-            a = tl.load(x_ptr + base + offsets, mask=col_ok & ok, other=0.0)
+            base = ((plane + t // 3 - 1) * H + hh) * W * CIN  # (n·D + dd)·H + hh, in elements
+            a = tl.load(x_ptr + base[:, None] + offsets, mask=col_ok & ok[:, None], other=0.0)
             b = tl.load(w_ptr + t * K * COUT + j[:, None] * COUT + o[None, :])
             acc += tl.dot(a, b)
         acc += tl.load(b_ptr + o).to(tl.float32)[None, :]
-        out = y_ptr + row * W * COUT + w[:, None] * COUT + o[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(w[:, None] < W))
+        out = y_ptr + ((plane * H + h) * W + w)[:, None] * COUT + o[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None])
 
     return conv3x3x3_rows
 
@@ -76,19 +78,20 @@ def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.
     return w, F.pad(b, (0, coutp - cout)).contiguous()
 
 
-def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_w: int = 64,
-              num_warps: int = 4) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias, padding=1)`` for a channels-last 5-D ``x``, through the Triton kernel;
-    the output is channels-last in ``x``'s dtype."""
+def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_h: int = 2,
+              block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=1)`` for a channels-last 5-D ``x``, through the Triton kernel
+    (one program per ``block_h`` × ``block_w`` tile of an output plane); the output is channels-last in
+    ``x``'s dtype."""
     N, cin, D, H, W = x.shape
     cout = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last_3d)
     wk, bk = fold_weight(weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     coutp = wk.shape[2]
     y = torch.empty((N, coutp, D, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
-    grid = (N * D * H, -(-W // block_w))
-    _kernel()[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_W=block_w,
-                    num_warps=num_warps)
+    grid = (N * D, -(-H // block_h), -(-W // block_w))
+    _kernel()[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
+                    BLOCK_W=block_w, num_warps=num_warps)
     return y[:, :cout] if coutp != cout else y
 
 
