@@ -37,9 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medgen_cli.engine.fastpath import _DepthFoldConv3d, _PaddedOutConv3d, to_channels_last  # noqa: E402
 
 
-TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # our kernel's (rows, positions along W) per program
-
-
 def ms(fn, iters: int) -> float:
     for _ in range(3):
         fn()
@@ -105,7 +102,7 @@ def main() -> None:
             compiled = torch.compile(to_channels_last(conv_module(cin, cout, k)), dynamic=False, options=opts)
             forms["triton"] = lambda m=compiled: m(xl)
             if k == 3:
-                from medgen_cli.engine.triton_conv import conv3x3x3
+                from medgen_cli.engine.triton_conv import TILES, conv3x3x3
 
                 for bh, bw in TILES:
                     forms[f"ours{bh}x{bw}"] = lambda m=base, bh=bh, bw=bw: conv3x3x3(xl, m.weight, m.bias, bh, bw)

@@ -60,3 +60,19 @@ def test_swap_takes_only_small_3x3x3_convs_and_cpu_tensors_stay_on_pytorch():
     plain = torch.nn.Conv3d(16, 32, 3, padding=1)
     plain.load_state_dict(net[0].state_dict())
     assert torch.equal(net[0](x), plain(x))  # a CPU tensor: PyTorch's convolution
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cin,cout", [(2, 16), (16, 16), (32, 32), (16, 1)])
+def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
+    """The real (compiled) kernel in bf16, every tile size the benchmark tries, ragged H and W."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = cl(torch.randn(2, cin, 5, 11, 70, device="cuda", generator=g)).bfloat16()
+    w = torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g).bfloat16()
+    b = torch.randn(cout, device="cuda", generator=g).bfloat16()
+    ref = F.conv3d(x.float(), w.float(), b.float(), padding=1)
+    for bh, bw in triton_conv.TILES:
+        y = conv3x3x3(x, w, b, bh, bw)
+        assert y.dtype == torch.bfloat16 and (cout == 1 or y.is_contiguous(memory_format=torch.channels_last_3d))
+        assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw)

@@ -62,6 +62,9 @@ def _kernel():
     return conv3x3x3_rows
 
 
+TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) to try; 2 × 64 the default
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
