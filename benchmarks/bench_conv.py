@@ -16,8 +16,8 @@ the UNet's first two levels this times, bf16, batch 1:
 - ``triton`` (with ``--triton``, forward only): Inductor's own Triton convolution template, autotuned over
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
   ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
-- ``ours<rows>x<positions>`` (with ``--triton``, forward only, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
-  our kernel, at the tile sizes in ``TILES`` (``FastNet(triton_convs=True)`` uses the default, 2 × 64).
+- ``ours<rows>x<positions>`` (with ``--triton``, forward, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
+  our kernel, at the tile sizes in ``TILES`` (``exact_fast_ops(triton_convs=True)`` uses the default, 2 × 64).
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """

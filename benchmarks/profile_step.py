@@ -98,14 +98,15 @@ def main() -> None:
     ap.add_argument("--autotune-convs", action="store_true",
                     help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
     ap.add_argument("--triton-convs", action="store_true",
-                    help="fast-eval: FastNet(triton_convs=True), engine/triton_conv.py for the small 3×3×3 convs")
+                    help="exact_fast_ops(triton_convs=True): engine/triton_conv.py for the small 3×3×3 convs")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
     if a.plain_ops:
-        fastpath.exact_fast_ops = lambda module: module
-    elif a.native_group_norm:
-        fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=False)
+        fastpath.exact_fast_ops = lambda module, **_: module
+    elif a.native_group_norm or a.triton_convs:
+        fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=not a.native_group_norm,
+                                                    triton_convs=a.triton_convs)
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
@@ -126,7 +127,7 @@ def main() -> None:
         if a.what == "fast-eval":
             from medgen_cli.engine.fastpath import FastNet
 
-            net = FastNet(tr.model.eval(), dev, autotune_convs=a.autotune_convs, triton_convs=a.triton_convs)
+            net = FastNet(tr.model.eval(), dev, autotune_convs=a.autotune_convs)
             fn = lambda: net(x, tt)  # noqa: E731
         else:
             ev = bench_unet.evaluation(tr.model.eval(), dev, image, cond)

@@ -40,14 +40,31 @@ def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block
 
 
 def test_the_custom_op_is_consistent(interpreted):
-    """torch.library's own checks (fake tensor shapes and strides, schema, no aliasing) on the op the
-    fast path's compiled graph calls."""
+    """torch.library's own checks (schema, fake tensor shapes and strides, autograd registration, tracing
+    through AOTAutograd with dynamic shapes) on the op the compiled graphs call."""
     g = torch.Generator().manual_seed(0)
     x = cl(torch.randn(1, 16, 2, 3, 17, generator=g))
     w, b = torch.randn(16, 16, 3, 3, 3, generator=g), torch.randn(16, generator=g)
-    torch.library.opcheck(torch.ops.medgen.conv3x3x3.default, (x, w, b),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.medgen.conv3x3x3.default, (x, w, b))  # all checks, autograd included
+    torch.library.opcheck(torch.ops.medgen.conv3x3x3.default, (x.requires_grad_(), w.requires_grad_(), b))
     assert (torch.ops.medgen.conv3x3x3(x, w, b) - F.conv3d(x, w, b, padding=1)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("cin,cout", [(2, 16), (16, 1)])
+def test_gradients_equal_conv3d(interpreted, cin, cout):
+    """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights;
+    weight and bias gradients through ATen."""
+    g = torch.Generator().manual_seed(3)
+    x = cl(torch.randn(2, cin, 3, 4, 19, generator=g)).requires_grad_()
+    w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
+    b = torch.randn(cout, generator=g).requires_grad_()
+    up = torch.randn(2, cout, 3, 4, 19, generator=g)
+    ours = torch.autograd.grad(torch.ops.medgen.conv3x3x3(x, w, b), (x, w, b), up)
+    ref = torch.autograd.grad(F.conv3d(x, w, b, padding=1), (x, w, b), up)
+    for a, r in zip(ours, ref):
+        assert a.shape == r.shape and (a - r).abs().max() <= 1e-5 * r.abs().max()
+    (gx,) = torch.autograd.grad(torch.ops.medgen.conv3x3x3(x, w.detach(), None), x, up)  # x only, no bias
+    assert (gx - ref[0]).abs().max() <= 1e-5 * ref[0].abs().max()
 
 
 def test_swap_takes_only_small_3x3x3_convs_and_cpu_tensors_stay_on_pytorch():
@@ -76,3 +93,25 @@ def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
         y = conv3x3x3(x, w, b, bh, bw)
         assert y.dtype == torch.bfloat16 and (cout == 1 or y.is_contiguous(memory_format=torch.channels_last_3d))
         assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_swapped_conv_trains_like_conv3d_under_autocast_on_cuda():
+    """TritonConv3d under bf16 autocast (as `train.compile` runs it): bf16 output, and values and all three
+    gradients within bf16 rounding of nn.Conv3d's under the same autocast."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv3d(16, 16, 3, padding=1).cuda()
+    ours = swap_triton_convs(torch.nn.Sequential(torch.nn.Conv3d(16, 16, 3, padding=1).cuda()))[0]
+    ours.load_state_dict(ref.state_dict())
+    x = cl(torch.randn(1, 16, 6, 10, 70, device="cuda"))
+    up = torch.randn(1, 16, 6, 10, 70, device="cuda")
+    out = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(xi)
+        out.append((y, *torch.autograd.grad(y, (xi, m.weight, m.bias), up)))
+    assert out[1][0].dtype == torch.bfloat16
+    for a, r in zip(out[1], out[0]):
+        assert (a.float() - r.float()).abs().max() <= 2e-2 * r.float().abs().max()

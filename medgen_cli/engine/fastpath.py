@@ -135,14 +135,15 @@ class _ChannelStatsGroupNorm(nn.GroupNorm):
         return y if cuda_autocast else y.to(x.dtype)
 
 
-def exact_fast_ops(module: nn.Module, group_norm: bool = True) -> nn.Module:
+def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool = False) -> nn.Module:
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
-    channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above.
-    Only the classes change: parameters, buffers and state-dict keys stay, so checkpoints are
-    unaffected. Used where the network is compiled on a GPU (training with ``train.compile``, the
-    sampling fast path).
+    channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above;
+    with ``triton_convs`` the 3×3×3 convolutions of ≤ 32 channels run our Triton kernel
+    (``engine/triton_conv.py``, not yet measured on a GPU, so off). Only the classes change:
+    parameters, buffers and state-dict keys stay, so checkpoints are unaffected. Used where the
+    network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
     """
     for m in module.modules():
         if type(m) is nn.Conv3d and m.groups == 1 and m.padding_mode == "zeros":
@@ -157,6 +158,10 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True) -> nn.Module:
             m.__class__ = _RepeatUpsample
         elif group_norm and type(m) is nn.GroupNorm:
             m.__class__ = _ChannelStatsGroupNorm
+    if triton_convs:
+        from .triton_conv import swap_triton_convs
+
+        swap_triton_convs(module)
     return module
 
 
@@ -169,7 +174,7 @@ class FastNet(nn.Module):
 
     def __init__(self, net: nn.Module, device: torch.device, *, compile: bool = True, graphs: bool | None = None,
                  dtype: torch.dtype | None = None, layout: bool | None = None, max_graphs: int = 8,
-                 autotune_convs: bool = False, triton_convs: bool = False):
+                 autotune_convs: bool = False):
         super().__init__()
         cuda = torch.device(device).type == "cuda"
         self.dtype = dtype if dtype is not None else (torch.bfloat16 if cuda else torch.float32)
@@ -178,10 +183,6 @@ class FastNet(nn.Module):
         self.max_graphs = max_graphs
         inner = copy.deepcopy(net).eval().to(device=device, dtype=self.dtype)
         self.module = to_channels_last(exact_fast_ops(inner)) if self.layout else inner  # "module": as DDP
-        if triton_convs and cuda:  # our Triton kernel for the small full-resolution 3D convs (not yet measured)
-            from .triton_conv import swap_triton_convs
-
-            swap_triton_convs(self.module)
         if compile:
             persistent_compile_cache()
         # autotune_convs (CUDA): Inductor times its Triton convolution templates against cuDNN, per conv, at

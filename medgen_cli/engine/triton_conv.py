@@ -14,9 +14,11 @@ two). So a program does 9 loads and 9 tensor-core products ``[BLOCK_H · BLOCK_W
 accumulates in float32 and adds the bias once; the kh taps of neighbouring rows in a tile re-read the
 same input rows, which L1 then serves.
 
-Exact up to the summation order (float32 accumulation). Forward only: used where no gradient is taken
-(the sampling fast path, ``FastNet(triton_convs=True)``), and not yet measured on a GPU, so off by
-default. Runs anywhere Triton runs, including ``TRITON_INTERPRET=1`` on the CPU (the tests).
+Exact up to the summation order (float32 accumulation). The input gradient of such a convolution is
+another one (flipped taps, swapped channels), so training runs the kernel twice per convolution; the
+weight gradient stays on cuDNN. ``exact_fast_ops(triton_convs=True)`` swaps it in (sampling fast path and
+``train.compile``); off by default until measured on a GPU. Runs anywhere Triton runs, including
+``TRITON_INTERPRET=1`` on the CPU (the tests).
 """
 
 from __future__ import annotations
@@ -99,14 +101,18 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 class TritonConv3d(nn.Conv3d):
-    """``nn.Conv3d`` (3×3×3, stride 1, padding 1, zeros) whose no-grad CUDA forward runs :func:`conv3x3x3`;
-    anything else (a gradient to take, a CPU tensor) runs the ordinary convolution. Same parameters."""
+    """``nn.Conv3d`` (3×3×3, stride 1, padding 1, zeros) whose CUDA forward runs :func:`conv3x3x3` (and
+    whose input gradient runs it again, on the flipped weights); CPU tensors run the ordinary convolution.
+    Same parameters. Under CUDA autocast the inputs are cast as autocast casts a convolution's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.is_cuda and x.ndim == 5 and not grad:
-            return torch.ops.medgen.conv3x3x3(x, self.weight, self.bias)
-        return super().forward(x)
+        if not x.is_cuda or x.ndim != 5:
+            return super().forward(x)
+        w, b = self.weight, self.bias
+        if torch.is_autocast_enabled("cuda"):  # a custom op is not on autocast's lists: cast like conv3d
+            dt = torch.get_autocast_dtype("cuda")
+            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+        return torch.ops.medgen.conv3x3x3(x, w, b)
 
 
 def swap_triton_convs(module: nn.Module, max_channels: int = 32) -> nn.Module:
@@ -130,3 +136,27 @@ def _conv3x3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _(x, weight, bias):
     N, _, D, H, W = x.shape
     return x.new_empty((N, weight.shape[0], D, H, W)).contiguous(memory_format=torch.channels_last_3d)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Input gradient: the same kernel on the output gradient with the weights' channels swapped and taps
+    flipped (a stride-1, padding-1 3×3×3 convolution's transpose is one). Weight and bias gradients:
+    ATen's convolution backward (cuDNN)."""
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
+    gx = torch.ops.medgen.conv3x3x3(grad, weight.transpose(0, 1).flip(2, 3, 4), None) if need_x else None
+    gw = gb = None
+    if need_w or need_b:
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1, 1], [1, 1, 1], [1, 1, 1],
+            False, [0, 0, 0], 1, [False, need_w, need_b and ctx.has_bias])
+    return gx, gw, gb
+
+
+_conv3x3x3_op.register_autograd(_backward, setup_context=_setup_context)
