@@ -17,7 +17,8 @@ the UNet's first two levels this times, bf16, batch 1:
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
   ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
 - ``ours<rows>x<positions>`` (with ``--triton``, forward, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
-  our kernel, at the tile sizes in ``TILES`` (``exact_fast_ops(triton_convs=True)`` uses the default, 2 × 64).
+  our kernel, at the tile sizes in ``TILES`` (``exact_fast_ops(triton_convs=True)`` uses the default, 2 × 64);
+  with ``--backward`` also the weight gradient alone, cuDNN's against ``conv3x3x3_weight_grad``.
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -126,6 +127,21 @@ def main() -> None:
                     torch.autograd.grad(y, (inp, weight), torch.ones_like(y))
                 row[f + "_fwdbwd_ms"] = round(ms(step, a.iters), 3)
                 inp.requires_grad_(False)
+            if a.triton and k == 3:  # the weight gradient alone: cuDNN's against our tap-wise kernel
+                from medgen_cli.engine.triton_conv import conv3x3x3_weight_grad
+
+                up = torch.randn(1, cout, *sp, device=dev, dtype=torch.bfloat16).contiguous(
+                    memory_format=torch.channels_last_3d)
+                wl = to_channels_last(conv_module(cin, cout, k)).weight
+                with torch.no_grad():
+                    cudnn = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+                        up, xl, wl, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False])[1]
+                    row["cudnn_wgrad_ms"] = round(ms(cudnn, a.iters), 3)
+                    ref_w = cudnn().float()
+                    for bh, bw in TILES:
+                        fn = lambda bh=bh, bw=bw: conv3x3x3_weight_grad(xl, up, bh, bw)  # noqa: E731
+                        row[f"ours{bh}x{bw}_wgrad_ms"] = round(ms(fn, a.iters), 3)
+                        row[f"ours{bh}x{bw}_wgrad_relerr"] = float((fn() - ref_w).abs().max() / ref_w.abs().max())
         print(json.dumps(row), flush=True)
         del x, xl, mods, forms, base, ref
         torch.cuda.empty_cache()

@@ -99,6 +99,8 @@ def main() -> None:
                     help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
     ap.add_argument("--triton-convs", action="store_true",
                     help="exact_fast_ops(triton_convs=True): engine/triton_conv.py for the small 3×3×3 convs")
+    ap.add_argument("--aten-weight-grad", action="store_true",
+                    help="with --triton-convs: the weight gradient on cuDNN instead of our kernel")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
@@ -107,6 +109,10 @@ def main() -> None:
     elif a.native_group_norm or a.triton_convs:
         fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=not a.native_group_norm,
                                                     triton_convs=a.triton_convs)
+    if a.aten_weight_grad:
+        import medgen_cli.engine.triton_conv as triton_conv
+
+        triton_conv.WEIGHT_GRAD = "aten"
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
@@ -115,7 +121,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "triton_convs": a.triton_convs,
+           "triton_convs": a.triton_convs, "aten_weight_grad": a.aten_weight_grad,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

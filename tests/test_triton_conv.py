@@ -39,6 +39,21 @@ def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block
     assert (no_bias - F.conv3d(x, w, padding=1)).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("cin,cout,spatial,block_h,block_w,programs", [
+    (2, 16, (3, 4, 19), 2, 16, 3),   # more tiles than programs: each program loops over its share
+    (16, 1, (2, 5, 7), 4, 16, 5),    # one output channel (padded to 16 inside), ragged H
+    (16, 16, (3, 3, 33), 1, 32, 64), # more programs than tiles: capped
+])
+def test_weight_grad_kernel_equals_conv3d(interpreted, cin, cout, spatial, block_h, block_w, programs):
+    g = torch.Generator().manual_seed(cin * cout)
+    x = cl(torch.randn(2, cin, *spatial, generator=g))
+    w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
+    up = torch.randn(2, cout, *spatial, generator=g)
+    (ref,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, up)
+    ours = triton_conv.conv3x3x3_weight_grad(x, up, block_h, block_w, programs=programs)
+    assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_the_custom_op_is_consistent(interpreted):
     """torch.library's own checks (schema, fake tensor shapes and strides, autograd registration, tracing
     through AOTAutograd with dynamic shapes) on the op the compiled graphs call."""
@@ -46,14 +61,16 @@ def test_the_custom_op_is_consistent(interpreted):
     x = cl(torch.randn(1, 16, 2, 3, 17, generator=g))
     w, b = torch.randn(16, 16, 3, 3, 3, generator=g), torch.randn(16, generator=g)
     torch.library.opcheck(torch.ops.medgen.conv3x3x3.default, (x, w, b))  # all checks, autograd included
+    torch.library.opcheck(torch.ops.medgen.conv3x3x3_weight_grad.default, (x, torch.randn_like(x)))
     torch.library.opcheck(torch.ops.medgen.conv3x3x3.default, (x.requires_grad_(), w.requires_grad_(), b))
     assert (torch.ops.medgen.conv3x3x3(x, w, b) - F.conv3d(x, w, b, padding=1)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("cin,cout", [(2, 16), (16, 1)])
-def test_gradients_equal_conv3d(interpreted, cin, cout):
-    """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights;
-    weight and bias gradients through ATen."""
+@pytest.mark.parametrize("cin,cout,weight_grad", [(2, 16, "triton"), (16, 1, "triton"), (16, 16, "aten")])
+def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad):
+    """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights; the
+    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum."""
+    monkeypatch.setattr(triton_conv, "WEIGHT_GRAD", weight_grad)
     g = torch.Generator().manual_seed(3)
     x = cl(torch.randn(2, cin, 3, 4, 19, generator=g)).requires_grad_()
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
@@ -83,16 +100,22 @@ def test_swap_takes_only_small_3x3x3_convs_and_cpu_tensors_stay_on_pytorch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cin,cout", [(2, 16), (16, 16), (32, 32), (16, 1)])
 def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
-    """The real (compiled) kernel in bf16, every tile size the benchmark tries, ragged H and W."""
+    """The real (compiled) kernels in bf16, every tile size the benchmark tries, ragged H and W: the
+    convolution and the weight gradient against float32 PyTorch."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = cl(torch.randn(2, cin, 5, 11, 70, device="cuda", generator=g)).bfloat16()
     w = torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g).bfloat16()
     b = torch.randn(cout, device="cuda", generator=g).bfloat16()
     ref = F.conv3d(x.float(), w.float(), b.float(), padding=1)
+    up = cl(torch.randn(ref.shape, device="cuda", generator=g)).bfloat16()
+    wf = w.float().requires_grad_()
+    (ref_w,) = torch.autograd.grad(F.conv3d(x.float(), wf, padding=1), wf, up.float())
     for bh, bw in triton_conv.TILES:
         y = conv3x3x3(x, w, b, bh, bw)
         assert y.dtype == torch.bfloat16 and (cout == 1 or y.is_contiguous(memory_format=torch.channels_last_3d))
         assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw)
+        gw = triton_conv.conv3x3x3_weight_grad(x, up, bh, bw)
+        assert (gw - ref_w).abs().max() <= 1e-2 * ref_w.abs().max(), (bh, bw)
 
 
 @pytest.mark.gpu

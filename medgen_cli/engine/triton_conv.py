@@ -16,7 +16,7 @@ same input rows, which L1 then serves.
 
 Exact up to the summation order (float32 accumulation). The input gradient of such a convolution is
 another one (flipped taps, swapped channels), so training runs the kernel twice per convolution; the
-weight gradient stays on cuDNN. ``exact_fast_ops(triton_convs=True)`` swaps it in (sampling fast path and
+weight gradient has a kernel of its own over the same folded rows (tap-wise ``Aᵀ @ grad`` sums). ``exact_fast_ops(triton_convs=True)`` swaps it in (sampling fast path and
 ``train.compile``); off by default until measured on a GPU. Runs anywhere Triton runs, including
 ``TRITON_INTERPRET=1`` on the CPU (the tests).
 """
@@ -64,6 +64,42 @@ def _kernel():
     return conv3x3x3_rows
 
 
+@functools.cache
+def _wgrad_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv3x3x3_wgrad(x_ptr, g_ptr, out_ptr, D, H, W, tiles_h, tiles_w, tiles, CIN: tl.constexpr,
+                        CG: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_W: tl.constexpr):
+        t = tl.program_id(1)  # the (kd, kh) tap this program sums for
+        m = tl.arange(0, BLOCK_H * BLOCK_W)
+        j = tl.arange(0, K)
+        o = tl.arange(0, COUT)
+        acc = tl.full((K, COUT), 0.0, tl.float32)
+        for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):  # a share of all tiles
+            plane = (tile // (tiles_h * tiles_w)).to(tl.int64)  # n·D + d
+            rest = tile % (tiles_h * tiles_w)
+            h = (rest // tiles_w) * BLOCK_H + m // BLOCK_W
+            w = (rest % tiles_w) * BLOCK_W + m % BLOCK_W
+            here = (h < H) & (w < W)
+            dd = plane % D + t // 3 - 1
+            hh = h + t % 3 - 1
+            ok = here & (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H)
+            w_in = w[:, None] - 1 + j[None, :] // CIN
+            col_ok = (j[None, :] < 3 * CIN) & (w_in >= 0) & (w_in < W)
+            base = ((plane + t // 3 - 1) * H + hh) * W * CIN
+            a = tl.load(x_ptr + base[:, None] + (w[:, None] - 1) * CIN + j[None, :], mask=col_ok & ok[:, None],
+                        other=0.0)  # [M, K]: the folded input rows this tap multiplies
+            gy = tl.load(g_ptr + ((plane * H + h) * W + w)[:, None] * CG + o[None, :],
+                         mask=here[:, None] & (o[None, :] < CG), other=0.0)  # [M, C_out]
+            acc += tl.dot(tl.trans(a), gy)
+        tl.atomic_add(out_ptr + t * K * COUT + j[:, None] * COUT + o[None, :], acc)
+
+    return conv3x3x3_wgrad
+
+
 TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) to try; 2 × 64 the default
 
 
@@ -98,6 +134,27 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     _kernel()[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
                     BLOCK_W=block_w, num_warps=num_warps)
     return y[:, :cout] if coutp != cout else y
+
+
+def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2, block_w: int = 64,
+                          programs: int = 264, num_warps: int = 4) -> torch.Tensor:
+    """The weight gradient of ``F.conv3d(x, w, padding=1)`` (3×3×3) for the output gradient ``grad``, in
+    float32: ``programs`` programs per (kd, kh) tap each sum ``A_tapᵀ @ grad`` over a share of the output
+    tiles (``A_tap`` the same folded input rows as the forward kernel's) and add their partial sums into
+    one buffer atomically (so the summation order, hence the last bits, vary from run to run)."""
+    N, cin, D, H, W = x.shape
+    cout = grad.shape[1]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
+    k, coutp = _pow2(3 * cin), _pow2(cout)
+    buf = torch.zeros((9, k, coutp), device=x.device, dtype=torch.float32)
+    tiles_h, tiles_w = -(-H // block_h), -(-W // block_w)
+    tiles = N * D * tiles_h * tiles_w
+    _wgrad_kernel()[(min(programs, tiles), 9)](x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout,
+                                               COUT=coutp, K=k, BLOCK_H=block_h, BLOCK_W=block_w,
+                                               num_warps=num_warps)
+    # buf[kd·3 + kh, kw·C_in + c, o] → (C_out, C_in, kd, kh, kw)
+    return buf[:, :3 * cin, :cout].reshape(3, 3, 3, cin, cout).permute(4, 3, 0, 1, 2).contiguous()
 
 
 class TritonConv3d(nn.Conv3d):
@@ -146,17 +203,34 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """Input gradient: the same kernel on the output gradient with the weights' channels swapped and taps
-    flipped (a stride-1, padding-1 3×3×3 convolution's transpose is one). Weight and bias gradients:
-    ATen's convolution backward (cuDNN)."""
+    flipped (a stride-1, padding-1 3×3×3 convolution's transpose is one). Weight gradient: the tap-wise
+    sums of :func:`conv3x3x3_weight_grad` (``WEIGHT_GRAD = "triton"``) or ATen's convolution backward
+    (``"aten"``: cuDNN); bias gradient: a sum."""
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
     gx = torch.ops.medgen.conv3x3x3(grad, weight.transpose(0, 1).flip(2, 3, 4), None) if need_x else None
     gw = gb = None
-    if need_w or need_b:
-        _, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1, 1], [1, 1, 1], [1, 1, 1],
-            False, [0, 0, 0], 1, [False, need_w, need_b and ctx.has_bias])
+    if need_w and WEIGHT_GRAD == "triton":
+        gw = torch.ops.medgen.conv3x3x3_weight_grad(x, grad).to(weight.dtype)
+    elif need_w:
+        gw = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
+                                                 [0, 0, 0], 1, [False, True, False])[1]
+    if need_b and ctx.has_bias:
+        gb = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(weight.dtype)
     return gx, gw, gb
+
+
+WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
+
+
+@torch.library.custom_op("medgen::conv3x3x3_weight_grad", mutates_args=())
+def _weight_grad_op(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return conv3x3x3_weight_grad(x, grad)
+
+
+@_weight_grad_op.register_fake
+def _(x, grad):
+    return x.new_empty((grad.shape[1], x.shape[1], 3, 3, 3), dtype=torch.float32)
 
 
 _conv3x3x3_op.register_autograd(_backward, setup_context=_setup_context)
