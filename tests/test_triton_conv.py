@@ -10,11 +10,17 @@ from medgen_cli.engine.triton_conv import TritonConv3d, conv3x3x3, swap_triton_c
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """Triton kernels built while this is active run in Triton's interpreter, on CPU tensors."""
+    """The kernels run in Triton's interpreter, on CPU tensors (``@triton.jit`` reads TRITON_INTERPRET when
+    it decorates, so the kernels' module is loaded again under it, and again without it afterwards)."""
+    import importlib
+
+    from medgen_cli.engine import triton_kernels
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_conv._kernel.cache_clear()
+    importlib.reload(triton_kernels)
     yield
-    triton_conv._kernel.cache_clear()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    importlib.reload(triton_kernels)
 
 
 def cl(x):

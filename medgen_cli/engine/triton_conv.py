@@ -1,106 +1,35 @@
-"""A Triton forward kernel for the 3D UNet's full-resolution 3×3×3 convolutions (sampling only).
+"""Triton kernels for the 3D UNet's small full-resolution 3×3×3 convolutions: forward, input and weight
+gradients.
 
 Why: cuDNN spends 2.7–3.3 ms on each 3×3×3 convolution of a 16–32-channel 256×256×160 volume whatever
 its channel count, where moving the tensors takes ~0.15 ms (benchmarks/NOTES.md, session 6); nine of
 them put a floor of ~26 ms under every 256³ evaluation.
 
-How (channels-last input): a program computes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
+How (channels-last tensors): a program takes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
 along W of one output plane ``(n, d)``, all output channels. For each of the 9 (kd, kh) taps it reads,
 per output row, one input row, which in channels-last memory is a contiguous run of ``W × C_in`` values.
 The three kw taps of that row are folded into the reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for
 ``j < 3 · C_in`` is exactly the im2col block of positions ``w - 1, w, w + 1``, read with one coalesced
-load, and the weight taps are re-ordered to match (``j = kw · C_in + c``, zero rows up to a power of
-two). So a program does 9 loads and 9 tensor-core products ``[BLOCK_H · BLOCK_W, K] @ [K, C_out]``,
+load, and the weights are re-ordered to match (``j = kw · C_in + c``, zero rows up to a power of two).
+So the forward does 9 loads and 9 tensor-core products ``[BLOCK_H · BLOCK_W, K] @ [K, C_out]`` per tile,
 accumulates in float32 and adds the bias once; the kh taps of neighbouring rows in a tile re-read the
-same input rows, which L1 then serves.
+same input rows, which L1 then serves. The input gradient of such a convolution is another one (flipped
+taps, swapped channels): the same kernel. The weight gradient sums ``A_tapᵀ @ grad`` per tap over the
+output tiles (:func:`conv3x3x3_weight_grad`).
 
-Exact up to the summation order (float32 accumulation). The input gradient of such a convolution is
-another one (flipped taps, swapped channels), so training runs the kernel twice per convolution; the
-weight gradient has a kernel of its own over the same folded rows (tap-wise ``Aᵀ @ grad`` sums). ``exact_fast_ops(triton_convs=True)`` swaps it in (sampling fast path and
-``train.compile``); off by default until measured on a GPU. Runs anywhere Triton runs, including
-``TRITON_INTERPRET=1`` on the CPU (the tests).
+Exact up to the summation order (float32 accumulation). ``exact_fast_ops(triton_convs=True)`` swaps
+:class:`TritonConv3d` in (sampling fast path and ``train.compile``); off by default until measured on a
+GPU. Runs anywhere Triton runs, including ``TRITON_INTERPRET=1`` on the CPU (the tests).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def conv3x3x3_rows(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN: tl.constexpr, COUT: tl.constexpr,
-                       K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-        plane = tl.program_id(0).to(tl.int64)  # n·D + d
-        d = plane % D
-        m = tl.arange(0, BLOCK_H * BLOCK_W)  # the tile's output positions: BLOCK_H rows × BLOCK_W along W
-        h = tl.program_id(1) * BLOCK_H + m // BLOCK_W
-        w = tl.program_id(2) * BLOCK_W + m % BLOCK_W
-        j = tl.arange(0, K)
-        o = tl.arange(0, COUT)
-        w_in = w[:, None] - 1 + j[None, :] // CIN  # the input position each column of A reads
-        col_ok = (j[None, :] < 3 * CIN) & (w_in >= 0) & (w_in < W)
-        offsets = (w[:, None] - 1) * CIN + j[None, :]
-        acc = tl.full((BLOCK_H * BLOCK_W, COUT), 0.0, tl.float32)
-        for t in tl.static_range(9):
-            dd = d + t // 3 - 1
-            hh = h + t % 3 - 1  # per position: a tile spans BLOCK_H rows
-            ok = (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H)
-            base = ((plane + t // 3 - 1) * H + hh) * W * CIN  # (n·D + dd)·H + hh, in elements
-            a = tl.load(x_ptr + base[:, None] + offsets, mask=col_ok & ok[:, None], other=0.0)
-            b = tl.load(w_ptr + t * K * COUT + j[:, None] * COUT + o[None, :])
-            acc += tl.dot(a, b)
-        acc += tl.load(b_ptr + o).to(tl.float32)[None, :]
-        out = y_ptr + ((plane * H + h) * W + w)[:, None] * COUT + o[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None])
-
-    return conv3x3x3_rows
-
-
-@functools.cache
-def _wgrad_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def conv3x3x3_wgrad(x_ptr, g_ptr, out_ptr, D, H, W, tiles_h, tiles_w, tiles, CIN: tl.constexpr,
-                        CG: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_W: tl.constexpr):
-        t = tl.program_id(1)  # the (kd, kh) tap this program sums for
-        m = tl.arange(0, BLOCK_H * BLOCK_W)
-        j = tl.arange(0, K)
-        o = tl.arange(0, COUT)
-        acc = tl.full((K, COUT), 0.0, tl.float32)
-        for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):  # a share of all tiles
-            plane = (tile // (tiles_h * tiles_w)).to(tl.int64)  # n·D + d
-            rest = tile % (tiles_h * tiles_w)
-            h = (rest // tiles_w) * BLOCK_H + m // BLOCK_W
-            w = (rest % tiles_w) * BLOCK_W + m % BLOCK_W
-            here = (h < H) & (w < W)
-            dd = plane % D + t // 3 - 1
-            hh = h + t % 3 - 1
-            ok = here & (dd >= 0) & (dd < D) & (hh >= 0) & (hh < H)
-            w_in = w[:, None] - 1 + j[None, :] // CIN
-            col_ok = (j[None, :] < 3 * CIN) & (w_in >= 0) & (w_in < W)
-            base = ((plane + t // 3 - 1) * H + hh) * W * CIN
-            a = tl.load(x_ptr + base[:, None] + (w[:, None] - 1) * CIN + j[None, :], mask=col_ok & ok[:, None],
-                        other=0.0)  # [M, K]: the folded input rows this tap multiplies
-            gy = tl.load(g_ptr + ((plane * H + h) * W + w)[:, None] * CG + o[None, :],
-                         mask=here[:, None] & (o[None, :] < CG), other=0.0)  # [M, C_out]
-            acc += tl.dot(tl.trans(a), gy)
-        tl.atomic_add(out_ptr + t * K * COUT + j[:, None] * COUT + o[None, :], acc)
-
-    return conv3x3x3_wgrad
-
-
 TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) to try; 2 × 64 the default
+WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -131,8 +60,10 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     coutp = wk.shape[2]
     y = torch.empty((N, coutp, D, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
     grid = (N * D, -(-H // block_h), -(-W // block_w))
-    _kernel()[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
-                    BLOCK_W=block_w, num_warps=num_warps)
+    from . import triton_kernels  # on first use: importing medgen never needs Triton
+
+    triton_kernels.forward[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
+                                 BLOCK_W=block_w, num_warps=num_warps)
     return y[:, :cout] if coutp != cout else y
 
 
@@ -150,9 +81,11 @@ def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2,
     buf = torch.zeros((9, k, coutp), device=x.device, dtype=torch.float32)
     tiles_h, tiles_w = -(-H // block_h), -(-W // block_w)
     tiles = N * D * tiles_h * tiles_w
-    _wgrad_kernel()[(min(programs, tiles), 9)](x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout,
-                                               COUT=coutp, K=k, BLOCK_H=block_h, BLOCK_W=block_w,
-                                               num_warps=num_warps)
+    from . import triton_kernels
+
+    triton_kernels.weight_grad[(min(programs, tiles), 9)](x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin,
+                                                          CG=cout, COUT=coutp, K=k, BLOCK_H=block_h,
+                                                          BLOCK_W=block_w, num_warps=num_warps)
     # buf[kd·3 + kh, kw·C_in + c, o] → (C_out, C_in, kd, kh, kw)
     return buf[:, :3 * cin, :cout].reshape(3, 3, 3, cin, cout).permute(4, 3, 0, 1, 2).contiguous()
 
@@ -218,9 +151,6 @@ def _backward(ctx, grad):
     if need_b and ctx.has_bias:
         gb = grad.sum((0, 2, 3, 4), dtype=torch.float32).to(weight.dtype)
     return gx, gw, gb
-
-
-WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
 
 
 @torch.library.custom_op("medgen::conv3x3x3_weight_grad", mutates_args=())
