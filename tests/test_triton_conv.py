@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from medgen_cli.engine import triton_conv
+from medgen_cli.engine.fastpath import channels_last as cl
 from medgen_cli.engine.triton_conv import TritonConv3d, conv3x3x3, swap_triton_convs
 
 
@@ -21,10 +22,6 @@ def interpreted(monkeypatch):
     yield
     monkeypatch.delenv("TRITON_INTERPRET")
     importlib.reload(triton_kernels)
-
-
-def cl(x):
-    return x.contiguous(memory_format=torch.channels_last_3d)
 
 
 @pytest.mark.parametrize("n,cin,cout,spatial,block_h,block_w", [
