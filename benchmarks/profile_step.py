@@ -97,18 +97,18 @@ def main() -> None:
                     help="keep MONAI's GroupNorm, swap the rest (exact_fast_ops(group_norm=False)), for comparison")
     ap.add_argument("--autotune-convs", action="store_true",
                     help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
-    ap.add_argument("--triton-convs", action="store_true",
-                    help="exact_fast_ops(triton_convs=True): engine/triton_conv.py for the small 3×3×3 convs")
+    ap.add_argument("--cudnn-convs", action="store_true",
+                    help="exact_fast_ops(triton_convs=False): cuDNN for the small 3×3×3 convs, for comparison")
     ap.add_argument("--aten-weight-grad", action="store_true",
-                    help="with --triton-convs: the weight gradient on cuDNN instead of our kernel")
+                    help="our Triton convs with the weight gradient on cuDNN instead of our kernel")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
     if a.plain_ops:
         fastpath.exact_fast_ops = lambda module, **_: module
-    elif a.native_group_norm or a.triton_convs:
+    elif a.native_group_norm or a.cudnn_convs:
         fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=not a.native_group_norm,
-                                                    triton_convs=a.triton_convs)
+                                                    triton_convs=False if a.cudnn_convs else None)
     if a.aten_weight_grad:
         import medgen_cli.engine.triton_conv as triton_conv
 
@@ -121,7 +121,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "triton_convs": a.triton_convs, "aten_weight_grad": a.aten_weight_grad,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

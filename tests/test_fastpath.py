@@ -141,14 +141,14 @@ def test_self_conditioned_network_is_seen_through():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("dims,options", [(2, {}), (3, {}), (3, {"autotune_convs": True}), (3, "triton_convs")])
+@pytest.mark.parametrize("dims,options", [(2, {}), (3, {}), (3, {"autotune_convs": True}), (3, "cudnn_convs")])
 def test_compiled_graph_path_matches_eager_fp32_on_cuda(dims, options, monkeypatch):
     import functools
 
     from medgen_cli.engine import fastpath
 
-    if options == "triton_convs":  # engine/triton_conv.py's kernel for the 3×3×3 convs
-        monkeypatch.setattr(fastpath, "exact_fast_ops", functools.partial(fastpath.exact_fast_ops, triton_convs=True))
+    if options == "cudnn_convs":  # cuDNN, not engine/triton_conv.py's kernel (the default on CUDA), for 3×3×3
+        monkeypatch.setattr(fastpath, "exact_fast_ops", functools.partial(fastpath.exact_fast_ops, triton_convs=False))
         options = {}
     dev = torch.device("cuda")
     net = tiny_unet(dims).to(dev)

@@ -88,13 +88,13 @@ def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad
 
 
 def test_swap_takes_only_small_3x3x3_convs_and_cpu_tensors_stay_on_pytorch():
-    net = torch.nn.Sequential(torch.nn.Conv3d(16, 32, 3, padding=1), torch.nn.Conv3d(32, 64, 3, padding=1),
+    net = torch.nn.Sequential(torch.nn.Conv3d(16, 16, 3, padding=1), torch.nn.Conv3d(16, 32, 3, padding=1),
                               torch.nn.Conv3d(64, 16, 1), torch.nn.Conv3d(16, 16, 3, padding=1, stride=2))
     ref = [type(m) for m in net]
     swap_triton_convs(net)
     assert [type(m) for m in net] == [TritonConv3d, *ref[1:]]
     x = torch.randn(1, 16, 4, 4, 4)
-    plain = torch.nn.Conv3d(16, 32, 3, padding=1)
+    plain = torch.nn.Conv3d(16, 16, 3, padding=1)
     plain.load_state_dict(net[0].state_dict())
     assert torch.equal(net[0](x), plain(x))  # a CPU tensor: PyTorch's convolution
 
@@ -141,3 +141,15 @@ def test_swapped_conv_trains_like_conv3d_under_autocast_on_cuda():
     assert out[1][0].dtype == torch.bfloat16
     for a, r in zip(out[1], out[0]):
         assert (a.float() - r.float()).abs().max() <= 2e-2 * r.float().abs().max()
+
+
+def test_triton_convs_are_the_default_on_cuda_only_and_can_be_switched_off(monkeypatch):
+    from medgen_cli.engine.fastpath import exact_fast_ops, triton_convs_default
+
+    monkeypatch.delenv("MEDGEN_TRITON_CONVS", raising=False)
+    assert triton_convs_default(torch.device("cuda")) and not triton_convs_default(torch.device("cpu"))
+    monkeypatch.setenv("MEDGEN_TRITON_CONVS", "0")
+    assert not triton_convs_default(torch.device("cuda"))
+    conv = lambda: torch.nn.Sequential(torch.nn.Conv3d(16, 16, 3, padding=1))  # noqa: E731
+    assert type(exact_fast_ops(conv())[0]) is torch.nn.Conv3d  # CPU parameters: cuDNN's (PyTorch's) path
+    assert type(exact_fast_ops(conv(), triton_convs=True)[0]) is TritonConv3d

@@ -3,8 +3,8 @@
 ``medgen sample --compile`` (``sample.compile``) wraps the network in :class:`FastNet`. Measured on one
 H200 (benchmarks/NOTES.md, ``benchmarks/bench_fastpath.py``), one evaluation of the 270M 3D UNet at
 256×256×160 takes 0.195 s eager under bf16 autocast, 0.057 s compiled, 0.045 s compiled with bf16
-weights in channels-last layout and 0.044 s replayed from a CUDA graph; the 2D 128² UNet at batch 16
-0.020 → 0.008 s.
+weights in channels-last layout, 0.044 s replayed from a CUDA graph and 0.038 s with the small 3×3×3
+convolutions on engine/triton_conv.py's kernels; the 2D 128² UNet at batch 16 0.020 → 0.008 s.
 
 What changes and what does not:
 - modules that cuDNN or Inductor run slowly are swapped for exact equivalents (:func:`exact_fast_ops`);
@@ -24,7 +24,9 @@ compiled call with a warning, as does an input signature beyond ``max_graphs``.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
+import os
 
 import torch
 from torch import nn
@@ -135,16 +137,28 @@ class _ChannelStatsGroupNorm(nn.GroupNorm):
         return y if cuda_autocast else y.to(x.dtype)
 
 
-def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool = False) -> nn.Module:
+def triton_convs_default(device: torch.device) -> bool:
+    """Whether :func:`exact_fast_ops` runs the small 3×3×3 convolutions of a network on ``device`` with
+    our Triton kernel: a CUDA device, Triton installed, and ``MEDGEN_TRITON_CONVS`` not ``0``."""
+    return device.type == "cuda" and os.environ.get("MEDGEN_TRITON_CONVS", "1") != "0" \
+        and importlib.util.find_spec("triton") is not None
+
+
+def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool | None = None) -> nn.Module:
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
     channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above;
-    with ``triton_convs`` the 3×3×3 convolutions of ≤ 32 channels run our Triton kernel
-    (``engine/triton_conv.py``, not yet measured on a GPU, so off). Only the classes change:
-    parameters, buffers and state-dict keys stay, so checkpoints are unaffected. Used where the
-    network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
+    with ``triton_convs`` the 3×3×3 convolutions of ≤ 16 channels run our Triton kernel
+    (``engine/triton_conv.py``). ``None`` (the default): on when the module is on a CUDA device, Triton
+    is installed and ``MEDGEN_TRITON_CONVS`` is not ``0`` (measured on an H200: 256³ evaluation 44.0 →
+    37.6 ms, 3D training steps 147.8 → 134.7 ms at 256 and 44.8 → 41.8 ms at 128; NOTES.md, session 8).
+    Only the classes change: parameters, buffers and state-dict keys stay, so checkpoints are unaffected.
+    Used where the network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
     """
+    if triton_convs is None:
+        p = next(module.parameters(), None)
+        triton_convs = p is not None and triton_convs_default(p.device)
     for m in module.modules():
         if type(m) is nn.Conv3d and m.groups == 1 and m.padding_mode == "zeros":
             if m.in_channels < 8 and m.kernel_size == (3, 3, 3) and m.stride == (1, 1, 1) \
@@ -186,8 +200,11 @@ class FastNet(nn.Module):
         if compile:
             persistent_compile_cache()
         # autotune_convs (CUDA): Inductor times its Triton convolution templates against cuDNN, per conv, at
-        # the first call (minutes for a 3D UNet; cached). Off: not yet measured (benchmarks/NOTES.md, session 7).
-        options = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN"} if autotune_convs and cuda else None
+        # the first call (minutes for a 3D UNet; cached). The gemm backends must keep TRITON: Inductor's
+        # conv lowering asks use_triton_template, which reads them (restricting them to ATEN tuned no conv
+        # at all: session 8). Off: its gain is not yet measured (benchmarks/NOTES.md, session 8).
+        options = {"max_autotune": True, "max_autotune_conv_backends": "ATEN,TRITON"} \
+            if autotune_convs and cuda else None
         self.fn = torch.compile(self.module, dynamic=False, options=options) if compile else self.module
         self.graphs: dict[tuple, tuple] = {}
 

@@ -17,9 +17,10 @@ same input rows, which L1 then serves. The input gradient of such a convolution 
 taps, swapped channels): the same kernel. The weight gradient sums ``A_tapᵀ @ grad`` per tap over the
 output tiles (:func:`conv3x3x3_weight_grad`).
 
-Exact up to the summation order (float32 accumulation). ``exact_fast_ops(triton_convs=True)`` swaps
-:class:`TritonConv3d` in (sampling fast path and ``train.compile``); off by default until measured on a
-GPU. Runs anywhere Triton runs, including ``TRITON_INTERPRET=1`` on the CPU (the tests).
+Exact up to the summation order (float32 accumulation; the weight gradient's atomic adds make its last
+bits vary from run to run). ``exact_fast_ops`` swaps :class:`TritonConv3d` in on CUDA (sampling fast
+path and ``train.compile``; ``MEDGEN_TRITON_CONVS=0`` keeps cuDNN). Runs anywhere Triton runs, including
+``TRITON_INTERPRET=1`` on the CPU (the tests).
 """
 
 from __future__ import annotations
@@ -83,9 +84,12 @@ def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2,
     tiles = N * D * tiles_h * tiles_w
     from . import triton_kernels
 
+    # three pipeline stages of a 4 × 64 × 128 tile need 240 KB of shared memory (the H200 has 227 KB)
+    stages = 2 if block_h * block_w * k >= 16384 else 3
     triton_kernels.weight_grad[(min(programs, tiles), 9)](x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin,
                                                           CG=cout, COUT=coutp, K=k, BLOCK_H=block_h,
-                                                          BLOCK_W=block_w, num_warps=num_warps)
+                                                          BLOCK_W=block_w, num_warps=num_warps,
+                                                          num_stages=stages)
     # buf[kd·3 + kh, kw·C_in + c, o] → (C_out, C_in, kd, kh, kw)
     return buf[:, :3 * cin, :cout].reshape(3, 3, 3, cin, cout).permute(4, 3, 0, 1, 2).contiguous()
 
@@ -105,9 +109,11 @@ class TritonConv3d(nn.Conv3d):
         return torch.ops.medgen.conv3x3x3(x, w, b)
 
 
-def swap_triton_convs(module: nn.Module, max_channels: int = 32) -> nn.Module:
+def swap_triton_convs(module: nn.Module, max_channels: int = 16) -> nn.Module:
     """Swap, in place, every 3×3×3 / stride 1 / padding 1 ``nn.Conv3d`` with at most ``max_channels``
-    input and output channels for :class:`TritonConv3d` (the full-resolution ones in medgen's 3D UNets)."""
+    input and output channels for :class:`TritonConv3d` (the full-resolution ones in medgen's 3D UNets).
+    16 by measurement (H200, 256×256×160, bf16): ours beats cuDNN at 2→16 (0.46 against 3.1 ms) and
+    16→16 (1.56 against 2.74 ms) but loses at 32→16 (3.06 against 2.65 ms); NOTES.md, session 8."""
     for m in module.modules():
         if isinstance(m, nn.Conv3d) and m.groups == 1 and m.padding_mode == "zeros" \
                 and m.kernel_size == (3, 3, 3) and m.stride == (1, 1, 1) and m.padding == (1, 1, 1) \
