@@ -17,8 +17,10 @@ the UNet's first two levels this times, bf16, batch 1:
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
   ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
 - ``ours<rows>x<positions>`` (with ``--triton``, forward, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
-  our kernel, at the tile sizes in ``TILES`` (``exact_fast_ops(triton_convs=True)`` uses the default, 2 × 64);
-  with ``--backward`` also the weight gradient alone, cuDNN's against ``conv3x3x3_weight_grad``.
+  our kernel, at the tile sizes in ``TILES`` (``triton_conv.FORWARD`` holds the one TritonConv3d uses);
+  ``sweep<rows>x<positions>``: our sweeping kernel (``sweep=True``) at the sizes in ``SWEEP_TILES``;
+  with ``--backward`` also the weight gradient alone, cuDNN's against ``conv3x3x3_weight_grad`` (both
+  kernels, ``ours…_wgrad`` and ``sweep…_wgrad``).
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -76,7 +78,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=160)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--backward", action="store_true", help="also time forward + backward")
-    ap.add_argument("--triton", action="store_true", help="also time Inductor's autotuned Triton conv template")
+    ap.add_argument("--triton", action="store_true",
+                    help="also time Inductor's autotuned Triton conv template and our kernels")
+    ap.add_argument("--only", default="", help="comma-separated conv names to run (default: all)")
     a = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda")
@@ -86,7 +90,10 @@ def main() -> None:
     convs = [("conv_in", 2, 16, 3, full), ("res0", 16, 16, 3, full), ("up0_in", 32, 16, 3, full),
              ("up0_skip", 32, 16, 1, full), ("upsample1", 32, 32, 3, full), ("out", 16, 1, 3, full),
              ("res1", 32, 32, 3, half), ("up1_in", 64, 32, 3, half)]
+    only = set(filter(None, a.only.split(",")))
     for name, cin, cout, k, sp in convs:
+        if only and name not in only:
+            continue
         x = torch.randn(1, cin, *sp, device=dev, dtype=torch.bfloat16)
         xl = x.contiguous(memory_format=torch.channels_last_3d)
         base = conv_module(cin, cout, k)
@@ -103,10 +110,12 @@ def main() -> None:
             compiled = torch.compile(to_channels_last(conv_module(cin, cout, k)), dynamic=False, options=opts)
             forms["triton"] = lambda m=compiled: m(xl)
             if k == 3:
-                from medgen_cli.engine.triton_conv import TILES, conv3x3x3
+                from medgen_cli.engine.triton_conv import SWEEP_TILES, TILES, conv3x3x3
 
-                for bh, bw in TILES:
-                    forms[f"ours{bh}x{bw}"] = lambda m=base, bh=bh, bw=bw: conv3x3x3(xl, m.weight, m.bias, bh, bw)
+                for kind, tiles in (("ours", TILES), ("sweep", SWEEP_TILES)):
+                    for bh, bw in tiles:
+                        forms[f"{kind}{bh}x{bw}"] = lambda m=base, bh=bh, bw=bw, sw=kind == "sweep": conv3x3x3(
+                            xl, m.weight, m.bias, bh, bw, sweep=sw)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():
@@ -116,7 +125,7 @@ def main() -> None:
                 row[f + "_maxdiff"] = float((fn().float() - ref).abs().max())
         if a.backward:
             for f, fn in forms.items():
-                if f == "triton" or f.startswith("ours"):  # forward-only kernels
+                if f == "triton" or f.startswith(("ours", "sweep")):  # forward-only kernels
                     continue
                 inp = mods[f][1] if f in mods else xl
                 weight = (mods[f][0] if f in mods else base).weight
@@ -128,7 +137,7 @@ def main() -> None:
                 row[f + "_fwdbwd_ms"] = round(ms(step, a.iters), 3)
                 inp.requires_grad_(False)
             if a.triton and k == 3:  # the weight gradient alone: cuDNN's against our tap-wise kernel
-                from medgen_cli.engine.triton_conv import conv3x3x3_weight_grad
+                from medgen_cli.engine.triton_conv import SWEEP_TILES, TILES, conv3x3x3_weight_grad
 
                 up = torch.randn(1, cout, *sp, device=dev, dtype=torch.bfloat16).contiguous(
                     memory_format=torch.channels_last_3d)
@@ -138,10 +147,13 @@ def main() -> None:
                         up, xl, wl, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False])[1]
                     row["cudnn_wgrad_ms"] = round(ms(cudnn, a.iters), 3)
                     ref_w = cudnn().float()
-                    for bh, bw in TILES:
-                        fn = lambda bh=bh, bw=bw: conv3x3x3_weight_grad(xl, up, bh, bw)  # noqa: E731
-                        row[f"ours{bh}x{bw}_wgrad_ms"] = round(ms(fn, a.iters), 3)
-                        row[f"ours{bh}x{bw}_wgrad_relerr"] = float((fn() - ref_w).abs().max() / ref_w.abs().max())
+                    for kind, tiles in (("ours", TILES), ("sweep", SWEEP_TILES)):
+                        for bh, bw in tiles:
+                            fn = lambda bh=bh, bw=bw, sw=kind == "sweep": conv3x3x3_weight_grad(  # noqa: E731
+                                xl, up, bh, bw, sweep=sw)
+                            row[f"{kind}{bh}x{bw}_wgrad_ms"] = round(ms(fn, a.iters), 3)
+                            row[f"{kind}{bh}x{bw}_wgrad_relerr"] = float((fn() - ref_w).abs().max()
+                                                                         / ref_w.abs().max())
         print(json.dumps(row), flush=True)
         del x, xl, mods, forms, base, ref
         torch.cuda.empty_cache()

@@ -101,6 +101,9 @@ def main() -> None:
                     help="exact_fast_ops(triton_convs=False): cuDNN for the small 3×3×3 convs, for comparison")
     ap.add_argument("--aten-weight-grad", action="store_true",
                     help="our Triton convs with the weight gradient on cuDNN instead of our kernel")
+    ap.add_argument("--sweep", default="", metavar="ROWSxW",
+                    help="our Triton convs through the sweeping kernels (forward, input and weight gradients), "
+                         "each program sweeping ROWS rows of a W-wide strip, e.g. 32x128")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
@@ -109,10 +112,13 @@ def main() -> None:
     elif a.native_group_norm or a.cudnn_convs:
         fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=not a.native_group_norm,
                                                     triton_convs=False if a.cudnn_convs else None)
-    if a.aten_weight_grad:
-        import medgen_cli.engine.triton_conv as triton_conv
+    import medgen_cli.engine.triton_conv as triton_conv
 
+    if a.aten_weight_grad:
         triton_conv.WEIGHT_GRAD = "aten"
+    if a.sweep:
+        rows, width = map(int, a.sweep.split("x"))
+        triton_conv.FORWARD = triton_conv.WEIGHT_GRAD_TILE = {"block_h": rows, "block_w": width, "sweep": True}
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
@@ -121,7 +127,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "sweep": a.sweep,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

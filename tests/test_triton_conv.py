@@ -24,36 +24,43 @@ def interpreted(monkeypatch):
     importlib.reload(triton_kernels)
 
 
-@pytest.mark.parametrize("n,cin,cout,spatial,block_h,block_w", [
-    (1, 2, 16, (3, 4, 5), 1, 16),     # the 2-channel input conv: K padded 6 → 16
-    (2, 16, 16, (4, 3, 37), 2, 16),   # H and W not multiples of the tile, batch 2 (the plane index carries n)
-    (1, 16, 1, (3, 5, 20), 4, 16),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
-    (1, 32, 32, (2, 3, 9), 1, 32),    # K = 96 padded to 128
+@pytest.mark.parametrize("n,cin,cout,spatial,block_h,block_w,sweep", [
+    (1, 2, 16, (3, 4, 5), 1, 16, False),     # the 2-channel input conv: K padded 6 → 16
+    (2, 16, 16, (4, 3, 37), 2, 16, False),   # H and W not multiples of the tile, batch 2 (plane index carries n)
+    (1, 16, 1, (3, 5, 20), 4, 16, False),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
+    (1, 32, 32, (2, 3, 9), 1, 32, False),    # K = 96 padded to 128
+    (1, 2, 16, (3, 4, 5), 2, 16, True),      # the sweeping kernel: bands of 2 rows
+    (2, 16, 16, (4, 7, 37), 3, 16, True),    # H = 7 in bands of 3 (the last one ragged), ragged W, batch 2
+    (1, 16, 1, (3, 5, 20), 8, 16, True),     # one band longer than H
+    (1, 32, 32, (2, 3, 9), 1, 32, True),     # bands of one row
 ])
-def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block_w):
+def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block_w, sweep):
     g = torch.Generator().manual_seed(cin + cout)
     x = cl(torch.randn(n, cin, *spatial, generator=g))
     w, b = torch.randn(cout, cin, 3, 3, 3, generator=g), torch.randn(cout, generator=g)
     ref = F.conv3d(x, w, b, padding=1)
-    y = conv3x3x3(x, w, b, block_h=block_h, block_w=block_w)
+    y = conv3x3x3(x, w, b, block_h=block_h, block_w=block_w, sweep=sweep)
     assert y.shape == ref.shape
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
-    no_bias = conv3x3x3(x, w, None, block_h=block_h, block_w=block_w)
+    no_bias = conv3x3x3(x, w, None, block_h=block_h, block_w=block_w, sweep=sweep)
     assert (no_bias - F.conv3d(x, w, padding=1)).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("cin,cout,spatial,block_h,block_w,programs", [
-    (2, 16, (3, 4, 19), 2, 16, 3),   # more tiles than programs: each program loops over its share
-    (16, 1, (2, 5, 7), 4, 16, 5),    # one output channel (padded to 16 inside), ragged H
-    (16, 16, (3, 3, 33), 1, 32, 64), # more programs than tiles: capped
+@pytest.mark.parametrize("cin,cout,spatial,block_h,block_w,programs,sweep", [
+    (2, 16, (3, 4, 19), 2, 16, 3, False),    # more tiles than programs: each program loops over its share
+    (16, 1, (2, 5, 7), 4, 16, 5, False),     # one output channel (padded to 16 inside), ragged H
+    (16, 16, (3, 3, 33), 1, 32, 64, False),  # more programs than tiles: capped
+    (2, 16, (3, 7, 19), 3, 16, 4, True),     # the sweeping kernel: strips of 3 rows, the last ragged
+    (16, 1, (2, 5, 7), 8, 16, 64, True),     # a strip longer than H, programs capped
+    (16, 16, (3, 4, 33), 1, 32, 5, True),    # strips of one row
 ])
-def test_weight_grad_kernel_equals_conv3d(interpreted, cin, cout, spatial, block_h, block_w, programs):
+def test_weight_grad_kernel_equals_conv3d(interpreted, cin, cout, spatial, block_h, block_w, programs, sweep):
     g = torch.Generator().manual_seed(cin * cout)
     x = cl(torch.randn(2, cin, *spatial, generator=g))
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
     up = torch.randn(2, cout, *spatial, generator=g)
     (ref,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, up)
-    ours = triton_conv.conv3x3x3_weight_grad(x, up, block_h, block_w, programs=programs)
+    ours = triton_conv.conv3x3x3_weight_grad(x, up, block_h, block_w, programs=programs, sweep=sweep)
     assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -69,11 +76,17 @@ def test_the_custom_op_is_consistent(interpreted):
     assert (torch.ops.medgen.conv3x3x3(x, w, b) - F.conv3d(x, w, b, padding=1)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("cin,cout,weight_grad", [(2, 16, "triton"), (16, 1, "triton"), (16, 16, "aten")])
-def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad):
+@pytest.mark.parametrize("cin,cout,weight_grad,sweep", [(2, 16, "triton", False), (16, 1, "triton", False),
+                                                       (16, 16, "aten", False), (16, 16, "triton", True)])
+def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad, sweep):
     """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights; the
-    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum."""
+    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum (``sweep``: the sweeping
+    kernels throughout, as ``profile_step.py --sweep`` sets them)."""
     monkeypatch.setattr(triton_conv, "WEIGHT_GRAD", weight_grad)
+    if sweep:
+        tile = {"block_h": 3, "block_w": 16, "sweep": True}
+        monkeypatch.setattr(triton_conv, "FORWARD", tile)
+        monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_TILE", tile)
     g = torch.Generator().manual_seed(3)
     x = cl(torch.randn(2, cin, 3, 4, 19, generator=g)).requires_grad_()
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
@@ -113,12 +126,13 @@ def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
     up = cl(torch.randn(ref.shape, device="cuda", generator=g)).bfloat16()
     wf = w.float().requires_grad_()
     (ref_w,) = torch.autograd.grad(F.conv3d(x.float(), wf, padding=1), wf, up.float())
-    for bh, bw in triton_conv.TILES:
-        y = conv3x3x3(x, w, b, bh, bw)
+    tiles = [(bh, bw, False) for bh, bw in triton_conv.TILES] + [(bh, bw, True) for bh, bw in triton_conv.SWEEP_TILES]
+    for bh, bw, sweep in tiles:
+        y = conv3x3x3(x, w, b, bh, bw, sweep=sweep)
         assert y.dtype == torch.bfloat16 and (cout == 1 or y.is_contiguous(memory_format=torch.channels_last_3d))
-        assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw)
-        gw = triton_conv.conv3x3x3_weight_grad(x, up, bh, bw)
-        assert (gw - ref_w).abs().max() <= 1e-2 * ref_w.abs().max(), (bh, bw)
+        assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw, sweep)
+        gw = triton_conv.conv3x3x3_weight_grad(x, up, bh, bw, sweep=sweep)
+        assert (gw - ref_w).abs().max() <= 1e-2 * ref_w.abs().max(), (bh, bw, sweep)
 
 
 @pytest.mark.gpu

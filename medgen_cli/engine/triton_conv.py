@@ -3,7 +3,9 @@ gradients.
 
 Why: cuDNN spends 2.7–3.3 ms on each 3×3×3 convolution of a 16–32-channel 256×256×160 volume whatever
 its channel count, where moving the tensors takes ~0.15 ms (benchmarks/NOTES.md, session 6); nine of
-them put a floor of ~26 ms under every 256³ evaluation.
+them put a floor of ~26 ms under every 256³ evaluation. Ours (session 8, H200, bf16): 2→16 0.52 ms
+against 3.1, 16→16 1.6 against 2.7, weight gradients 1.3 and 1.7 against 2.0 and 2.1; at 32→16 cuDNN
+wins, so only convolutions of ≤ 16 channels are swapped.
 
 How (channels-last tensors): a program takes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
 along W of one output plane ``(n, d)``, all output channels. For each of the 9 (kd, kh) taps it reads,
@@ -16,6 +18,12 @@ accumulates in float32 and adds the bias once; the kh taps of neighbouring rows 
 same input rows, which L1 then serves. The input gradient of such a convolution is another one (flipped
 taps, swapped channels): the same kernel. The weight gradient sums ``A_tapᵀ @ grad`` per tap over the
 output tiles (:func:`conv3x3x3_weight_grad`).
+
+Sweeping variants (``sweep=True``; timed per tile by ``benchmarks/bench_conv.py``, not yet run on a GPU):
+a program owns a strip of ``block_h`` rows × ``block_w`` positions and walks down it one input row at a
+time. Input row r feeds output rows r − 1, r, r + 1 through taps kh = 2, 1, 0, so it is read once per
+kd (3 times in all instead of 9), and three accumulators roll down with it (forward); the weight
+gradient keeps the three output-gradient rows rolling instead and sums all nine taps in one program.
 
 Exact up to the summation order (float32 accumulation; the weight gradient's atomic adds make its last
 bits vary from run to run). ``exact_fast_ops`` swaps :class:`TritonConv3d` in on CUDA (sampling fast
@@ -30,11 +38,20 @@ import torch.nn.functional as F
 from torch import nn
 
 TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) to try; 2 × 64 the default
+SWEEP_TILES = [(16, 64), (32, 64), (32, 128), (64, 128)]  # (rows swept, positions along W): the sweeping kernel
+FORWARD = {"block_h": 2, "block_w": 64, "sweep": False}  # what TritonConv3d's forward and input gradient run
+WEIGHT_GRAD_TILE = {"block_h": 2, "block_w": 64, "sweep": False}  # and its weight gradient (WEIGHT_GRAD "triton")
 WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
 
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
+
+
+def _stages(stage_bytes: int) -> int:
+    """Software-pipeline stages for a loop that loads ``stage_bytes`` per iteration: up to 3, within ~200 KB
+    of shared memory (the H200 has 227 KB a block: 3 stages of a 4 × 64 × 128 bf16 tile did not fit)."""
+    return max(1, min(3, 200_000 // stage_bytes))
 
 
 def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +67,11 @@ def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.
 
 
 def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_h: int = 2,
-              block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
+              block_w: int = 64, num_warps: int = 4, sweep: bool = False) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` for a channels-last 5-D ``x``, through the Triton kernel
-    (one program per ``block_h`` × ``block_w`` tile of an output plane); the output is channels-last in
-    ``x``'s dtype."""
+    (one program per ``block_h`` × ``block_w`` tile of an output plane; with ``sweep``, one program per
+    ``block_w``-wide strip of ``block_h`` rows that it sweeps row by row, reading each input row 3 times
+    instead of 9); the output is channels-last in ``x``'s dtype."""
     N, cin, D, H, W = x.shape
     cout = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -63,17 +81,24 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     grid = (N * D, -(-H // block_h), -(-W // block_w))
     from . import triton_kernels  # on first use: importing medgen never needs Triton
 
-    triton_kernels.forward[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
-                                 BLOCK_W=block_w, num_warps=num_warps)
+    if sweep:
+        triton_kernels.forward_sweep[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1],
+                                           ROWS=block_h, BLOCK_W=block_w, num_warps=num_warps,
+                                           num_stages=_stages(3 * block_w * wk.shape[1] * x.element_size()))
+    else:
+        triton_kernels.forward[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
+                                     BLOCK_W=block_w, num_warps=num_warps)
     return y[:, :cout] if coutp != cout else y
 
 
 def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2, block_w: int = 64,
-                          programs: int = 264, num_warps: int = 4) -> torch.Tensor:
+                          programs: int = 264, num_warps: int = 4, sweep: bool = False) -> torch.Tensor:
     """The weight gradient of ``F.conv3d(x, w, padding=1)`` (3×3×3) for the output gradient ``grad``, in
-    float32: ``programs`` programs per (kd, kh) tap each sum ``A_tapᵀ @ grad`` over a share of the output
-    tiles (``A_tap`` the same folded input rows as the forward kernel's) and add their partial sums into
-    one buffer atomically (so the summation order, hence the last bits, vary from run to run)."""
+    float32: ``programs`` programs per (kd, kh) tap each sum ``A_tapᵀ @ grad`` over a share of the
+    ``block_h`` × ``block_w`` output tiles (``A_tap`` the same folded input rows as the forward kernel's);
+    with ``sweep``, ``programs`` programs each sweep a share of the ``block_h``-row, ``block_w``-wide
+    strips for all nine taps, reading each input row 3 times instead of 9. Partial sums go into one
+    buffer atomically (so the summation order, hence the last bits, vary from run to run)."""
     N, cin, D, H, W = x.shape
     cout = grad.shape[1]
     x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -84,12 +109,16 @@ def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2,
     tiles = N * D * tiles_h * tiles_w
     from . import triton_kernels
 
-    # three pipeline stages of a 4 × 64 × 128 tile need 240 KB of shared memory (the H200 has 227 KB)
-    stages = 2 if block_h * block_w * k >= 16384 else 3
-    triton_kernels.weight_grad[(min(programs, tiles), 9)](x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin,
-                                                          CG=cout, COUT=coutp, K=k, BLOCK_H=block_h,
-                                                          BLOCK_W=block_w, num_warps=num_warps,
-                                                          num_stages=stages)
+    if sweep:
+        stages = _stages((3 * k + coutp) * block_w * x.element_size())
+        triton_kernels.weight_grad_sweep[(min(programs, tiles),)](
+            x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout, COUT=coutp, K=k, ROWS=block_h,
+            BLOCK_W=block_w, num_warps=num_warps, num_stages=stages)
+    else:
+        stages = _stages((k + coutp) * block_h * block_w * x.element_size())
+        triton_kernels.weight_grad[(min(programs, tiles), 9)](
+            x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout, COUT=coutp, K=k, BLOCK_H=block_h,
+            BLOCK_W=block_w, num_warps=num_warps, num_stages=stages)
     # buf[kd·3 + kh, kw·C_in + c, o] → (C_out, C_in, kd, kh, kw)
     return buf[:, :3 * cin, :cout].reshape(3, 3, 3, cin, cout).permute(4, 3, 0, 1, 2).contiguous()
 
@@ -125,7 +154,7 @@ def swap_triton_convs(module: nn.Module, max_channels: int = 16) -> nn.Module:
 @torch.library.custom_op("medgen::conv3x3x3", mutates_args=())
 def _conv3x3x3_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # An opaque op to torch.compile (the kernel launch is captured into the fast path's CUDA graph as is)
-    return conv3x3x3(x, weight, bias).contiguous(memory_format=torch.channels_last_3d)
+    return conv3x3x3(x, weight, bias, **FORWARD).contiguous(memory_format=torch.channels_last_3d)
 
 
 @_conv3x3x3_op.register_fake
@@ -161,7 +190,7 @@ def _backward(ctx, grad):
 
 @torch.library.custom_op("medgen::conv3x3x3_weight_grad", mutates_args=())
 def _weight_grad_op(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return conv3x3x3_weight_grad(x, grad)
+    return conv3x3x3_weight_grad(x, grad, **WEIGHT_GRAD_TILE)
 
 
 @_weight_grad_op.register_fake
