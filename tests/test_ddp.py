@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from medgen_cli import checkpoint as ckpt
@@ -19,10 +21,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "allreduce"])
+def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path, parallel):
+    """DDP's wrapper, and "allreduce" (one all-reduce after the backward: what ddp becomes for CUDA-graph
+    steps), each against one process."""
     preset = tiny_preset(2, extra="\n[train.ema]\nenabled = true\nstart_step = 1\nevery = 1\n")
     args = ["train", "--preset", preset, "--data", phantom_root, "--max-steps", 4, "--set", "train.preview_every=0",
-            "--device", "cpu"]  # the gloo test; NCCL needs one GPU per rank
+            "--device", "cpu", "--set", f"train.parallel='{parallel}'"]  # the gloo test; NCCL needs a GPU per rank
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "medgen_cli", *map(str, args), "--run-dir", tmp_path / "ddp"]
@@ -30,6 +35,10 @@ def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(r.stdout.strip().splitlines()) == 1, "only rank 0 reports"
     assert cli(*args, "--run-dir", tmp_path / "one").code == 0
+    # the first step's gradient norm (before any update): the averaged gradient is the one-process gradient
+    norms = [next(json.loads(line)["grad_norm"] for line in (tmp_path / d / "metrics.jsonl").open()
+                  if '"train"' in line) for d in ("ddp", "one")]
+    assert abs(norms[0] - norms[1]) <= 1e-4 * norms[1], norms
     a, b = (ckpt.resolve_step_dir(tmp_path / d, "latest") for d in ("ddp", "one"))
     # Gradients agree up to reduction order; AdamW's g/sqrt(v) turns the order noise of near-zero
     # gradients into updates of size ~lr, so weights are compared relative to the whole update.
@@ -44,8 +53,6 @@ def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path):
 
 
 def _preset(run):
-    import json
-
     from medgen_cli.config import validate
 
     return validate(json.loads((run / "config.json").read_text())["preset"])

@@ -197,8 +197,9 @@ def test_compiled_channels_last_training_tracks_eager_fp32(cli, tiny_preset, pha
 
 
 def test_cuda_graph_compile_mode_is_for_one_cuda_process(tiny_preset, tmp_path, monkeypatch):
-    """train.compile_mode="reduce-overhead" replays CUDA graphs on one CUDA process only; on the CPU the
-    network is compiled in the default mode (no graphs) and the step marks nothing."""
+    """train.compile_mode="reduce-overhead" replays CUDA graphs on CUDA only (several processes: as
+    train.parallel "allreduce", tests/test_ddp.py); on the CPU the network is compiled in the default mode
+    (no graphs) and the step marks nothing."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the compile cache stays here
     from conftest import RandomPairs
     from medgen_cli.config import load

@@ -253,13 +253,15 @@ class TrainConfig(Strict):
     sda: Optional[SDAConfig] = None
     regional_weighting: Optional[RegionalWeightConfig] = None  # bravo/dual/multi: from the mask; seg modes: target
     compile: bool = False  # torch.compile the network for training
-    # torch.compile's mode: "reduce-overhead" also replays the forward and backward from CUDA graphs (one
-    # process on CUDA: a step stops waiting for ~1,200 kernel launches; costs a private memory pool).
+    # torch.compile's mode: "reduce-overhead" also replays the forward and backward from CUDA graphs (on CUDA:
+    # a step stops waiting for ~1,200 kernel launches; costs a private memory pool; not with FSDP).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
-    # Several processes (torchrun): "ddp" replicates the model; "fsdp" shards parameters, gradients, AdamW
-    # state and EMA (FSDP2, engine/parallel.py); "auto" = FSDP above 1e9 parameters, else DDP. One process: no
-    # wrapper ("fsdp" is refused there).
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # Several processes (torchrun): "ddp" replicates the model (gradients all-reduced from DDP's hooks during
+    # the backward); "allreduce" replicates it too and averages the gradients in one all-reduce after the
+    # backward (what "ddp" becomes under compile_mode="reduce-overhead", whose CUDA graphs cannot hold DDP's
+    # hooks); "fsdp" shards parameters, gradients, AdamW state and EMA (FSDP2, engine/parallel.py); "auto" =
+    # FSDP above 1e9 parameters, else DDP. One process: no wrapper ("fsdp" is refused there).
+    parallel: Literal["auto", "ddp", "allreduce", "fsdp"] = "auto"
     # Self-conditioning (Chen et al. 2022, "Analog Bits"; engine/selfcond.py): "x0" gives the network as many
     # extra input channels as the image has, holding the previous clean estimate x̂0 (zeros when absent).
     # Training: per sample with p = self_conditioning_prob (keyed by seed, step, sample) a no-grad forward

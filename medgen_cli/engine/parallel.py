@@ -1,7 +1,10 @@
 """Data parallelism for the Trainer: DDP, or FSDP (torch's FSDP2 ``fully_shard``) for big models.
 
 ``train.parallel`` (config/schema.py): "ddp" replicates the model on every rank and all-reduces the
-gradients; "fsdp" shards parameters, gradients, AdamW state and the EMA shadow over the ranks (each
+gradients from hooks during the backward (DDP's buckets, overlapping communication with it);
+"allreduce" replicates it too but averages the gradients with one all-reduce after the backward
+(``sync_grads``): no overlap, but nothing inside the backward that a CUDA graph cannot replay, so it is
+what "ddp" becomes under ``train.compile_mode="reduce-overhead"``; "fsdp" shards parameters, gradients, AdamW state and the EMA shadow over the ranks (each
 UNet down/middle/up block, or DiT block, is one unit, gathered for its forward and backward and
 resharded after); "auto" picks FSDP above 1e9 parameters (engine/planner.py ``parallel_kind``). One
 process: no wrapper; "fsdp" there is refused (exit 3).
@@ -68,8 +71,9 @@ class Parallel:
     """How the Trainer's model is spread over the ranks; every method is a no-op pass-through when
     the model is not sharded."""
 
-    def __init__(self, world: World, device: torch.device, want: str = "auto"):
-        self.world, self.device, self.want = world, torch.device(device), want
+    def __init__(self, world: World, device: torch.device, want: str = "auto", graphs: bool = False):
+        """``graphs``: the training step is to be replayed from CUDA graphs, so DDP runs as "allreduce"."""
+        self.world, self.device, self.want, self.graphs = world, torch.device(device), want, graphs
         self.kind = "none"
         self.eval_net: nn.Module | None = None  # FSDP: rank 0's full copy for validation and previews
         self._skeleton: nn.Module | None = None
@@ -84,6 +88,12 @@ class Parallel:
 
         n = sum(p.numel() for p in model.parameters())
         self.kind = parallel_kind(self.want, self.world.size, n)
+        if self.kind == "ddp" and self.graphs:
+            self.kind = "allreduce"
+        if self.kind == "allreduce":  # rank 0's initial weights and buffers everywhere, as DDP's constructor does
+            with torch.no_grad():
+                self._all(list(model.parameters()) + list(model.buffers()), torch.distributed.broadcast, src=0)
+            return model
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -106,6 +116,37 @@ class Parallel:
                 fully_shard(unit, mesh=mesh)
             fully_shard(model, mesh=mesh)
         return model
+
+    @staticmethod
+    def _all(tensors: list[torch.Tensor], collective, **kw) -> None:
+        """Run ``collective`` (in place) once per dtype over the tensors flattened into one buffer, and copy
+        the results back (whatever each tensor's layout: channels-last weights included)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for dtype in {t.dtype for t in tensors}:
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = _flatten_dense_tensors(group)
+            collective(flat, **kw)
+            for t, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                t.copy_(synced)
+
+    def sync_grads(self, model: nn.Module) -> None:
+        """"allreduce": average the gradients over the ranks (every rank calls it after each backward; a
+        parameter without a gradient counts as zeros). Otherwise nothing: DDP and FSDP did it during the
+        backward."""
+        if self.kind != "allreduce":
+            return
+        grads = []
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        def mean(flat: torch.Tensor) -> None:
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.world.size)
+
+        self._all(grads, mean)
 
     # ---- full state for checkpoints -----------------------------------------------------------
     def _full(self, value):

@@ -394,7 +394,8 @@ def _eval_forward(p, net, space, batch: int, trainer_mod, precision: str) -> Non
 
 
 def parallel_kind(want: str, world: int, parameters: int) -> str:
-    """``none`` (one process), ``ddp`` or ``fsdp`` for ``train.parallel`` = ``want`` at this world size."""
+    """``none`` (one process), ``ddp``, ``allreduce`` or ``fsdp`` for ``train.parallel`` = ``want`` at this
+    world size (the Trainer's Parallel turns ``ddp`` into ``allreduce`` for CUDA-graph steps)."""
     if world <= 1:
         if want == "fsdp":
             raise ConfigError("train.parallel='fsdp' shards the model over several processes, but this is a "
@@ -439,8 +440,10 @@ def gpu_estimate(sim: Simulation, world: int, kind: str, ema: bool = False, prev
     previews are on."""
     step = sim.train
     saved = gather = 0
-    if kind == "ddp":
-        step += sim.param_bytes  # gradient buckets, held for the whole step (the gradients are views into them)
+    if kind in ("ddp", "allreduce"):
+        # DDP: gradient buckets, held for the whole step (the gradients are views into them); allreduce: the
+        # flat buffer the gradients are averaged in, at the step's end
+        step += sim.param_bytes
     elif kind == "fsdp":
         saved = sim.persistent - sim.persistent // world  # sharded parameters, AdamW state, EMA shadow
         gather = 4 * sim.largest_block  # two blocks' unsharded parameters and their unsharded gradients

@@ -109,7 +109,9 @@ class Trainer:
 
             to_channels_last(exact_fast_ops(self.model))
         # What the training step calls: the DDP wrapper, or the model sharded in place by FSDP (engine/parallel.py)
-        self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"))
+        graphs = getattr(cfg, "compile", False) and getattr(cfg, "compile_mode", "default") == "reduce-overhead" \
+            and device.type == "cuda"
+        self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"), graphs=graphs)
         self.net = self.parallel.wrap(self.model)
         self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
         self.config_json, self.num_workers = config_json, num_workers
@@ -139,8 +141,8 @@ class Trainer:
         self._graph_steps = False
         if getattr(cfg, "compile", False):
             mode = getattr(cfg, "compile_mode", "default")
-            if mode == "reduce-overhead" and (world.size > 1 or device.type != "cuda"):
-                mode = "default"  # CUDA graphs: one process on CUDA (DDP/FSDP communicate from hooks)
+            if mode == "reduce-overhead" and (self.parallel.kind in ("ddp", "fsdp") or device.type != "cuda"):
+                mode = "default"  # CUDA graphs: on CUDA, not with DDP/FSDP (they communicate from hooks)
             self._graph_steps = mode == "reduce-overhead"
             persistent_compile_cache()
             self.net = torch.compile(self.net, mode=None if mode == "default" else mode)
@@ -316,10 +318,12 @@ class Trainer:
         self.model.train()
         loss = self._loss(image, cond, t, noise)
         loss.backward()
+        self.parallel.sync_grads(self.model)  # "allreduce": the ranks' gradients averaged (DDP: in the backward)
         if cfg.sam:  # second pass at the (A)SAM ascent point; its gradient drives the step
             moves = tricks.sam_perturb(self.model, cfg.sam.rho, cfg.sam.adaptive)
             self.opt.zero_grad(set_to_none=True)
             self._loss(image, cond, t, noise).backward()
+            self.parallel.sync_grads(self.model)
             tricks.sam_restore(moves)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         if not (self.spike and self.spike.skip(float(norm))):
