@@ -167,3 +167,21 @@ def test_triton_convs_are_the_default_on_cuda_only_and_can_be_switched_off(monke
     conv = lambda: torch.nn.Sequential(torch.nn.Conv3d(16, 16, 3, padding=1))  # noqa: E731
     assert type(exact_fast_ops(conv())[0]) is torch.nn.Conv3d  # CPU parameters: cuDNN's (PyTorch's) path
     assert type(exact_fast_ops(conv(), triton_convs=True)[0]) is TritonConv3d
+
+
+def test_the_op_traces_under_activation_checkpointing(interpreted):
+    """The 3D presets train with gradient checkpointing: the op inside a non-reentrant checkpoint, traced
+    by torch.compile's AOTAutograd (``aot_eager``: the tracing without Inductor), recomputes and gives
+    conv3d's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = cl(torch.randn(1, 16, 2, 3, 17, generator=g)).requires_grad_()
+    w = torch.randn(16, 16, 3, 3, 3, generator=g).requires_grad_()
+
+    def block(a, conv):
+        return torch.utils.checkpoint.checkpoint(lambda a: conv(a).sin(), a, use_reentrant=False)
+
+    ours = torch.compile(block, backend="aot_eager")(x, lambda a: torch.ops.medgen.conv3x3x3(a, w, None))
+    ref = block(x, lambda a: F.conv3d(a, w, padding=1))
+    assert (ours - ref).abs().max() <= 1e-4  # sin of float32 convolutions of size ~20
+    for a, r in zip(torch.autograd.grad((ours * ours).sum(), (x, w)), torch.autograd.grad((ref * ref).sum(), (x, w))):
+        assert (a - r).abs().max() <= 1e-4 * r.abs().max()
