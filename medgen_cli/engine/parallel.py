@@ -4,10 +4,11 @@
 gradients from hooks during the backward (DDP's buckets, overlapping communication with it);
 "allreduce" replicates it too but averages the gradients with one all-reduce after the backward
 (``sync_grads``): no overlap, but nothing inside the backward that a CUDA graph cannot replay, so it is
-what "ddp" becomes under ``train.compile_mode="reduce-overhead"``; "fsdp" shards parameters, gradients, AdamW state and the EMA shadow over the ranks (each
-UNet down/middle/up block, or DiT block, is one unit, gathered for its forward and backward and
-resharded after); "auto" picks FSDP above 1e9 parameters (engine/planner.py ``parallel_kind``). One
-process: no wrapper; "fsdp" there is refused (exit 3).
+what "ddp" becomes under ``train.compile_mode="reduce-overhead"``; "fsdp" shards parameters,
+gradients, AdamW state and the EMA shadow over the ranks (each UNet down/middle/up block, or DiT
+block, is one unit, gathered for its forward and backward and resharded after); "auto" picks FSDP
+above 1e9 parameters (engine/planner.py ``parallel_kind``). One process: no wrapper; "fsdp" there is
+refused (exit 3).
 
 What stays the same under FSDP:
 
@@ -68,8 +69,8 @@ def _skeleton(model: nn.Module) -> nn.Module:
 
 
 class Parallel:
-    """How the Trainer's model is spread over the ranks; every method is a no-op pass-through when
-    the model is not sharded."""
+    """How the Trainer's model is spread over the ranks; every method but ``sync_grads`` ("allreduce")
+    is a no-op pass-through when the model is not sharded."""
 
     def __init__(self, world: World, device: torch.device, want: str = "auto", graphs: bool = False):
         """``graphs``: the training step is to be replayed from CUDA graphs, so DDP runs as "allreduce"."""
@@ -142,6 +143,7 @@ class Parallel:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
+
         def mean(flat: torch.Tensor) -> None:
             torch.distributed.all_reduce(flat)
             flat.div_(self.world.size)

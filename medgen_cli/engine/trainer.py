@@ -108,7 +108,8 @@ class Trainer:
             from .fastpath import exact_fast_ops, to_channels_last  # compiled convolutions run fastest channels-last
 
             to_channels_last(exact_fast_ops(self.model))
-        # What the training step calls: the DDP wrapper, or the model sharded in place by FSDP (engine/parallel.py)
+        # What the training step calls: the DDP wrapper, the model sharded in place by FSDP, or the model itself
+        # (one process; "allreduce", which ddp becomes for CUDA-graph steps: engine/parallel.py)
         graphs = getattr(cfg, "compile", False) and getattr(cfg, "compile_mode", "default") == "reduce-overhead" \
             and device.type == "cuda"
         self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"), graphs=graphs)
