@@ -161,7 +161,11 @@ def test_triton_convs_are_the_default_on_cuda_only_and_can_be_switched_off(monke
     from medgen_cli.engine.fastpath import exact_fast_ops, triton_convs_default
 
     monkeypatch.delenv("MEDGEN_TRITON_CONVS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100/H200
     assert triton_convs_default(torch.device("cuda")) and not triton_convs_default(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100: no bf16 dot
+    assert not triton_convs_default(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setenv("MEDGEN_TRITON_CONVS", "0")
     assert not triton_convs_default(torch.device("cuda"))
     conv = lambda: torch.nn.Sequential(torch.nn.Conv3d(16, 16, 3, padding=1))  # noqa: E731

@@ -139,9 +139,10 @@ class _ChannelStatsGroupNorm(nn.GroupNorm):
 
 def triton_convs_default(device: torch.device) -> bool:
     """Whether :func:`exact_fast_ops` runs the small 3×3×3 convolutions of a network on ``device`` with
-    our Triton kernel: a CUDA device, Triton installed, and ``MEDGEN_TRITON_CONVS`` not ``0``."""
+    our Triton kernel: a CUDA device of compute capability ≥ 8.0 (bf16 tensor-core products: A100,
+    H100/H200 and later), Triton installed, and ``MEDGEN_TRITON_CONVS`` not ``0``."""
     return device.type == "cuda" and os.environ.get("MEDGEN_TRITON_CONVS", "1") != "0" \
-        and importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool | None = None) -> nn.Module:
