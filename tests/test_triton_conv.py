@@ -29,6 +29,8 @@ def interpreted(monkeypatch):
     (2, 16, 16, (4, 3, 37), 2, 16, False),   # H and W not multiples of the tile, batch 2 (plane index carries n)
     (1, 16, 1, (3, 5, 20), 4, 16, False),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
     (1, 32, 32, (2, 3, 9), 1, 32, False),    # K = 96 padded to 128
+    (1, 4, 8, (2, 3, 9), 2, 16, False),      # a latent UNet's input conv: K 12 → 16, C_out 8 → 16
+    (1, 8, 4, (2, 3, 9), 2, 16, True),       # K 24 → 32, C_out 4 → 16, sweeping
     (1, 2, 16, (3, 4, 5), 2, 16, True),      # the sweeping kernel: bands of 2 rows
     (2, 16, 16, (4, 7, 37), 3, 16, True),    # H = 7 in bands of 3 (the last one ragged), ragged W, batch 2
     (1, 16, 1, (3, 5, 20), 8, 16, True),     # one band longer than H
