@@ -35,10 +35,11 @@ def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path, paral
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(r.stdout.strip().splitlines()) == 1, "only rank 0 reports"
     assert cli(*args, "--run-dir", tmp_path / "one").code == 0
-    # the first step's gradient norm (before any update): the averaged gradient is the one-process gradient
+    # the first step's gradient norm (before any update): the averaged gradient is the one-process gradient,
+    # within 1e-6 (issue 6; measured: equal)
     norms = [next(json.loads(line)["grad_norm"] for line in (tmp_path / d / "metrics.jsonl").open()
                   if '"train"' in line) for d in ("ddp", "one")]
-    assert abs(norms[0] - norms[1]) <= 1e-4 * norms[1], norms
+    assert abs(norms[0] - norms[1]) <= 1e-6 * norms[1], norms
     a, b = (ckpt.resolve_step_dir(tmp_path / d, "latest") for d in ("ddp", "one"))
     # Gradients agree up to reduction order; AdamW's g/sqrt(v) turns the order noise of near-zero
     # gradients into updates of size ~lr, so weights are compared relative to the whole update.
