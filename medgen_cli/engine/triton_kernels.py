@@ -112,10 +112,10 @@ def weight_grad(x_ptr, g_ptr, out_ptr, D, H, W, tiles_h, tiles_w, tiles, CIN: tl
 
 @triton.jit
 def _grad_row(g_ptr, plane, h, w, h0, H, W, CG: tl.constexpr, COUT: tl.constexpr, ROWS: tl.constexpr):
-    """[BLOCK_W, COUT]: output-gradient row h of the plane at positions w; zero outside rows h0 … h0 + ROWS − 1
-    (the band this program owns), outside the volume and past CG channels."""
+    """[BLOCK_W, COUT]: output-gradient row h ≥ h0 of the plane at positions w; zero past row h0 + ROWS − 1
+    (the end of the band this program owns), outside the volume and past CG channels."""
     o = tl.arange(0, COUT)
-    ok = (h >= h0) & (h < h0 + ROWS) & (h >= 0) & (h < H)
+    ok = (h < h0 + ROWS) & (h < H)
     return tl.load(g_ptr + ((plane * H + h) * W + w)[:, None] * CG + o[None, :],
                    mask=((w < W) & ok)[:, None] & (o[None, :] < CG), other=0.0)
 
@@ -144,8 +144,8 @@ def weight_grad_sweep(x_ptr, g_ptr, out_ptr, D, H, W, bands, tiles_w, strips, CI
         rest = strip % (bands * tiles_w)
         h0 = (rest // tiles_w) * ROWS
         w = (rest % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        g_prev = _grad_row(g_ptr, plane, h0 - 2 + 0 * w, w, h0, H, W, CG, COUT, ROWS)  # zero: outside the band
-        g_cur = _grad_row(g_ptr, plane, h0 - 1 + 0 * w, w, h0, H, W, CG, COUT, ROWS)
+        g_prev = tl.full((BLOCK_W, COUT), 0.0, g_ptr.dtype.element_ty)  # rows h0 − 2, h0 − 1: outside the band
+        g_cur = tl.full((BLOCK_W, COUT), 0.0, g_ptr.dtype.element_ty)
         for r in range(h0 - 1, h0 + ROWS + 1):
             row = r + 0 * w
             g_next = _grad_row(g_ptr, plane, row + 1, w, h0, H, W, CG, COUT, ROWS)
