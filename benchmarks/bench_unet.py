@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 
 import torch
@@ -219,6 +220,7 @@ def bench(name: str, args) -> dict:
             out["medgen_fast_sample25_s"] = timed(sample25(tr_fast, dev, image, cond), 3, warmup=1)
             del fast, tr_fast
         del tr, step
+        print("partial", json.dumps(out), file=sys.stderr, flush=True)  # kept if a time limit kills the run
         gc.collect()
         cuda_free()
         torch._dynamo.reset()
@@ -232,6 +234,7 @@ def bench(name: str, args) -> dict:
             out["plain_peak_gib"] = peak(step)
             out["plain_eval_s"] = timed(evaluation(net.eval(), dev, image, cond), iters)
             out["plain_sample25_s"] = timed(plain_sample25(net, dev, image, cond), 2, warmup=1)
+            print("partial", json.dumps(out), file=sys.stderr, flush=True)
         if args.compile and "plain-compiled" in args.variants and not over_budget(args):
             cnet, cstep = plain_step(preset, dev, image, cond, compiled=True)
             t0 = time.perf_counter()

@@ -101,9 +101,12 @@ def main() -> None:
                     help="exact_fast_ops(triton_convs=False): cuDNN for the small 3×3×3 convs, for comparison")
     ap.add_argument("--aten-weight-grad", action="store_true",
                     help="our Triton convs with the weight gradient on cuDNN instead of our kernel")
-    ap.add_argument("--sweep", default="", metavar="ROWSxW",
-                    help="our Triton convs through the sweeping kernels (forward, input and weight gradients), "
-                         "each program sweeping ROWS rows of a W-wide strip, e.g. 32x128")
+    ap.add_argument("--conv-tile", default="", metavar="KINDROWSxW",
+                    help="our Triton convs (forward, input and weight gradients) on one tile instead of the "
+                         "defaults, named as bench_conv.py's columns: ours4x64 (the tile kernel, session 8's "
+                         "default) or sweep32x128 (the sweeping kernel)")
+    ap.add_argument("--triton-channels", type=int, default=None, metavar="N",
+                    help="swap in our Triton convs up to N channels instead of swap_triton_convs' default")
     a = ap.parse_args()
     import medgen_cli.engine.fastpath as fastpath
 
@@ -116,9 +119,13 @@ def main() -> None:
 
     if a.aten_weight_grad:
         triton_conv.WEIGHT_GRAD = "aten"
-    if a.sweep:
-        rows, width = map(int, a.sweep.split("x"))
-        triton_conv.FORWARD = triton_conv.WEIGHT_GRAD_TILE = {"block_h": rows, "block_w": width, "sweep": True}
+    if a.conv_tile:
+        kind, rows, width = re.fullmatch(r"(ours|sweep)(\d+)x(\d+)", a.conv_tile).groups()
+        tile = {"block_h": int(rows), "block_w": int(width), "sweep": kind == "sweep"}
+        triton_conv.FORWARD = tile
+        triton_conv.weight_grad_tile = lambda cin: tile
+    if a.triton_channels:
+        triton_conv.swap_triton_convs = functools.partial(triton_conv.swap_triton_convs, max_channels=a.triton_channels)
     from medgen_cli.config import load
 
     dev = torch.device("cuda")
@@ -127,7 +134,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "sweep": a.sweep,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "conv_tile": a.conv_tile, "triton_channels": a.triton_channels,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

@@ -82,13 +82,12 @@ def test_the_custom_op_is_consistent(interpreted):
                                                        (16, 16, "aten", False), (16, 16, "triton", True)])
 def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad, sweep):
     """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights; the
-    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum (``sweep``: the sweeping
-    kernels throughout, as ``profile_step.py --sweep`` sets them)."""
+    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum; the tile and the sweeping
+    kernels each with more than one program per plane (2 × 16 tiles, strips of 3 rows)."""
     monkeypatch.setattr(triton_conv, "WEIGHT_GRAD", weight_grad)
-    if sweep:
-        tile = {"block_h": 3, "block_w": 16, "sweep": True}
-        monkeypatch.setattr(triton_conv, "FORWARD", tile)
-        monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_TILE", tile)
+    tile = {"block_h": 3 if sweep else 2, "block_w": 16, "sweep": sweep}  # the tile kernel: a power of 2
+    monkeypatch.setattr(triton_conv, "FORWARD", tile)
+    monkeypatch.setattr(triton_conv, "weight_grad_tile", lambda cin: tile)
     g = torch.Generator().manual_seed(3)
     x = cl(torch.randn(2, cin, 3, 4, 19, generator=g)).requires_grad_()
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()

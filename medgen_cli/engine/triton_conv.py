@@ -19,7 +19,7 @@ same input rows, which L1 then serves. The input gradient of such a convolution 
 taps, swapped channels): the same kernel. The weight gradient sums ``A_tapᵀ @ grad`` per tap over the
 output tiles (:func:`conv3x3x3_weight_grad`).
 
-Sweeping variants (``sweep=True``; timed per tile by ``benchmarks/bench_conv.py``, not yet run on a GPU):
+Sweeping variants (``sweep=True``, what TritonConv3d runs since session 9's measurements):
 a program owns a strip of ``block_h`` rows × ``block_w`` positions and walks down it one input row at a
 time. Input row r feeds output rows r − 1, r, r + 1 through taps kh = 2, 1, 0, so it is read once per
 kd (3 times in all instead of 9), and three accumulators roll down with it (forward); the weight
@@ -39,10 +39,18 @@ from torch import nn
 
 TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) that bench_conv.py tries
 SWEEP_TILES = [(16, 64), (32, 64), (32, 128), (64, 128)]  # (rows swept, positions along W): the sweeping kernel
-# What TritonConv3d runs, the fastest tiles at 256×256×160 (H200, session 8): forward and input gradient 4 × 64
-# (2→16 0.46 ms, 16→16 1.56; 2 × 64: 0.52, 1.61), weight gradient 2 × 64 (1.27, 1.69; 4 × 64: 1.09, 2.10)
-FORWARD = {"block_h": 4, "block_w": 64, "sweep": False}
-WEIGHT_GRAD_TILE = {"block_h": 2, "block_w": 64, "sweep": False}  # (with WEIGHT_GRAD "triton")
+# What TritonConv3d runs, the fastest tiles at 256×256×160 (H200, session 9, bf16): the forward and input
+# gradient sweep 32 rows of 64-wide strips (16→16 1.16 ms; the 4 × 64 tile 1.52, cuDNN 2.76; 2→16 0.46 / 0.45)
+FORWARD = {"block_h": 32, "block_w": 64, "sweep": True}
+
+
+def weight_grad_tile(cin: int) -> dict:
+    """The weight gradient's tile (with ``WEIGHT_GRAD = "triton"``): sweeping 32 rows of 128-wide strips
+    at ≤ 4 input channels (2→16: 0.78 ms; 64-wide 1.10, cuDNN 1.94), 64-wide above (16→16: 1.39 ms;
+    128-wide 1.46, cuDNN 2.08); session 9, H200."""
+    return {"block_h": 32, "block_w": 128 if cin <= 4 else 64, "sweep": True}
+
+
 WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
 
 
@@ -50,14 +58,15 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def _stages(stage_bytes: int, device: torch.device) -> int:
+def _stages(stage_bytes: int, device: torch.device, fixed: int = 0) -> int:
     """Software-pipeline stages for a loop that loads ``stage_bytes`` per iteration: up to 3, within 85 % of
-    the device's shared memory per block (an H200 has 227 KB, an A100 164 KB: on the H200 3 stages of a
-    4 × 64 × 128 bf16 tile did not fit). Off CUDA (Triton's interpreter) the count is not used."""
+    the device's shared memory per block less ``fixed`` bytes held throughout (an H200 has 227 KB, an A100
+    164 KB: on the H200 3 stages of a 4 × 64 × 128 bf16 tile did not fit, nor 2 of a 128-wide sweep beside
+    its 9 weight taps). Off CUDA (Triton's interpreter) the count is not used."""
     smem = 100_000
     if device.type == "cuda":
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", smem)
-    return max(1, min(3, int(0.85 * smem) // stage_bytes))
+    return max(1, min(3, (int(0.85 * smem) - fixed) // stage_bytes))
 
 
 def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +99,8 @@ def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     if sweep:
         triton_kernels.forward_sweep[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1],
                                            ROWS=block_h, BLOCK_W=block_w, num_warps=num_warps,
-                                           num_stages=_stages(3 * block_w * wk.shape[1] * x.element_size(), x.device))
+                                           num_stages=_stages(3 * block_w * wk.shape[1] * x.element_size(), x.device,
+                                                              fixed=wk.numel() * wk.element_size()))
     else:
         triton_kernels.forward[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
                                      BLOCK_W=block_w, num_warps=num_warps)
@@ -196,7 +206,7 @@ def _backward(ctx, grad):
 
 @torch.library.custom_op("medgen::conv3x3x3_weight_grad", mutates_args=())
 def _weight_grad_op(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return conv3x3x3_weight_grad(x, grad, **WEIGHT_GRAD_TILE)
+    return conv3x3x3_weight_grad(x, grad, **weight_grad_tile(x.shape[1]))
 
 
 @_weight_grad_op.register_fake
