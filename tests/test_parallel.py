@@ -14,7 +14,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from medgen_cli import checkpoint as ckpt
+from medgen_cli.engine.parallel import Parallel
 from medgen_cli.jobs import build, launch
 
 EMA = "\n[train.ema]\nenabled = true\nstart_step = 1\nevery = 1\n"
@@ -166,3 +170,21 @@ def test_launch_option_errors(cli, tiny_preset, phantom_root, tmp_path):
         assert lines[-2].startswith("error: ") and lines[-1].startswith("hint: "), r.err
         assert phrase in r.err and "Traceback" not in r.err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_collective_over_mixed_layouts_writes_every_tensor_back():
+    """"allreduce" flattens gradients in memory order (channels-last ones included, no reordering copy) and
+    writes the collective's result back into every tensor; a tensor that is not dense is refused."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(4, 3, 2, 2, 2, generator=g).contiguous(memory_format=torch.channels_last_3d),
+          torch.randn(5, generator=g), torch.tensor(2.0), torch.randn(3, 4, generator=g).t(),
+          torch.randn(2, 2, generator=g, dtype=torch.float64)]
+    seen = []
+    want = [t * 2 + 1 for t in ts]
+    Parallel._all(ts, lambda flat: seen.append(flat.dtype) or flat.mul_(2).add_(1))
+    assert sorted(map(str, seen)) == ["torch.float32", "torch.float64"]  # one collective per dtype
+    for t, w in zip(ts, want):
+        assert torch.equal(t, w)
+    assert ts[0].is_contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="non-dense"):
+        Parallel._all([torch.randn(4, 4)[:, :2]], lambda flat: None)

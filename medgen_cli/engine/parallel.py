@@ -68,6 +68,17 @@ def _skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements as a 1-D view in the order they lie in memory (dimensions sorted by
+    stride: a channels-last tensor is a view of its NDHWC permutation). Parameters, buffers and their
+    gradients are dense; anything else is refused rather than silently not written back."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d), reverse=True)
+    p = t.permute(order)
+    if not p.is_contiguous():
+        raise ValueError(f"cannot all-reduce a non-dense tensor of strides {t.stride()} in place")
+    return p.view(-1)
+
+
 class Parallel:
     """How the Trainer's model is spread over the ranks; every method but ``sync_grads`` ("allreduce")
     is a no-op pass-through when the model is not sharded."""
@@ -121,15 +132,14 @@ class Parallel:
     @staticmethod
     def _all(tensors: list[torch.Tensor], collective, **kw) -> None:
         """Run ``collective`` (in place) once per dtype over the tensors flattened into one buffer, and copy
-        the results back (whatever each tensor's layout: channels-last weights included)."""
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
+        the results back. Each tensor enters in its memory order (channels-last weights and their gradients
+        included: no reordering copy), and the results go back in one multi-tensor copy, not one kernel
+        launch per parameter."""
         for dtype in {t.dtype for t in tensors}:
-            group = [t for t in tensors if t.dtype == dtype]
-            flat = _flatten_dense_tensors(group)
+            views = [_memory_order(t) for t in tensors if t.dtype == dtype]
+            flat = torch.cat(views)
             collective(flat, **kw)
-            for t, synced in zip(group, _unflatten_dense_tensors(flat, group)):
-                t.copy_(synced)
+            torch._foreach_copy_(views, flat.split([v.numel() for v in views]))
 
     def sync_grads(self, model: nn.Module) -> None:
         """"allreduce": average the gradients over the ranks (every rank calls it after each backward; a
