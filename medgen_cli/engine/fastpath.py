@@ -153,7 +153,7 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
     with ``triton_convs`` the 3×3×3 convolutions of ≤ 16 channels run our Triton kernel
     (``engine/triton_conv.py``). ``None`` (the default): :func:`triton_convs_default` for the module's
     device (measured on an H200: 256³ evaluation 44.0 →
-    37.6 ms, 3D training steps 147.8 → 134.7 ms at 256 and 44.8 → 41.8 ms at 128; NOTES.md, session 8).
+    35.5 ms, 3D training steps 147.8 → 134.7 ms at 256 and 44.8 → 41.8 ms at 128; NOTES.md, sessions 8–9).
     Only the classes change: parameters, buffers and state-dict keys stay, so checkpoints are unaffected.
     Used where the network is compiled on a GPU (training with ``train.compile``, the sampling fast path).
     """

@@ -3,9 +3,9 @@ gradients.
 
 Why: cuDNN spends 2.7–3.3 ms on each 3×3×3 convolution of a 16–32-channel 256×256×160 volume whatever
 its channel count, where moving the tensors takes ~0.15 ms (benchmarks/NOTES.md, session 6); nine of
-them put a floor of ~26 ms under every 256³ evaluation. Ours (session 8, H200, bf16): 2→16 0.52 ms
-against 3.1, 16→16 1.6 against 2.7, weight gradients 1.3 and 1.7 against 2.0 and 2.1; at 32→16 cuDNN
-wins, so only convolutions of ≤ 16 channels are swapped.
+them put a floor of ~26 ms under every 256³ evaluation. Ours (session 9, H200, bf16): 2→16 0.46 ms
+against 3.1, 16→16 1.16 against 2.76, weight gradients 0.78 and 1.39 against 1.94 and 2.08; at 32→16
+cuDNN wins (2.63 against our best 2.77), so only convolutions of ≤ 16 channels are swapped.
 
 How (channels-last tensors): a program takes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
 along W of one output plane ``(n, d)``, all output channels. For each of the 9 (kd, kh) taps it reads,
@@ -158,7 +158,8 @@ def swap_triton_convs(module: nn.Module, max_channels: int = 16) -> nn.Module:
     """Swap, in place, every 3×3×3 / stride 1 / padding 1 ``nn.Conv3d`` with at most ``max_channels``
     input and output channels for :class:`TritonConv3d` (the full-resolution ones in medgen's 3D UNets).
     16 by measurement (H200, 256×256×160, bf16): ours beats cuDNN at 2→16 (0.46 against 3.1 ms) and
-    16→16 (1.56 against 2.74 ms) but loses at 32→16 (3.06 against 2.65 ms); NOTES.md, session 8."""
+    16→16 (1.16 against 2.76 ms) but loses at 32→16 (2.77 against 2.63 ms), and swapping those too made the
+    256³ evaluation slower (35.5 → 42.9 ms); NOTES.md, sessions 8–9."""
     for m in module.modules():
         if isinstance(m, nn.Conv3d) and m.groups == 1 and m.padding_mode == "zeros" \
                 and m.kernel_size == (3, 3, 3) and m.stride == (1, 1, 1) and m.padding == (1, 1, 1) \
