@@ -1,7 +1,8 @@
 """Where a training step or one sampling evaluation spends its time on the GPU (torch.profiler).
 
     python benchmarks/profile_step.py --preset 2d-pixel-128 --what train [--set train.compile=true ...]
-    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops | --group-norm] [--copies]
+    python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops | --native-group-norm]
+        [--cudnn-convs | --conv-tile sweep32x128 | --triton-channels 32 | --autotune-convs] [--copies]
 
 Prints one JSON object: wall seconds per step, GPU busy seconds per step (sum of kernel times), kernel
 launches per step, and the kernels that take the most GPU time, grouped by kind (convolution, GEMM,
@@ -134,7 +135,8 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "conv_tile": a.conv_tile, "triton_channels": a.triton_channels,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "conv_tile": a.conv_tile,
+           "triton_channels": a.triton_channels,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":
