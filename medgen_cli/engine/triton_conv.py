@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) that bench_conv.py tries
-SWEEP_TILES = [(16, 64), (32, 64), (32, 128), (64, 128)]  # (rows swept, positions along W): the sweeping kernel
+SWEEP_TILES = [(16, 64), (32, 32), (32, 64), (32, 128), (64, 64), (64, 128)]  # (rows swept, positions along W)
 # What TritonConv3d runs, the fastest tiles at 256×256×160 (H200, session 9, bf16): the forward and input
 # gradient sweep 32 rows of 64-wide strips (16→16 1.16 ms; the 4 × 64 tile 1.52, cuDNN 2.76; 2→16 0.46 / 0.45)
 FORWARD = {"block_h": 32, "block_w": 64, "sweep": True}
