@@ -16,11 +16,11 @@ the UNet's first two levels this times, bf16, batch 1:
 - ``triton`` (with ``--triton``, forward only): Inductor's own Triton convolution template, autotuned over
   its block configurations (``torch.compile`` with ``max_autotune``, conv backend TRITON only): what
   ``FastNet(autotune_convs=True)`` would let Inductor pick instead of cuDNN;
-- ``ours<rows>x<positions>`` (with ``--triton``, forward, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
-  our kernel, at the tile sizes in ``TILES`` (``triton_conv.FORWARD`` holds the one TritonConv3d uses);
-  ``sweep<rows>x<positions>``: our sweeping kernel (``sweep=True``) at the sizes in ``SWEEP_TILES``;
-  with ``--backward`` also the weight gradient alone, cuDNN's against ``conv3x3x3_weight_grad`` (both
-  kernels, ``ours…_wgrad`` and ``sweep…_wgrad``).
+- ``sweep<rows>x<width>`` (with ``--triton``, forward, 3×3×3 convs): ``engine.triton_conv.conv3x3x3``,
+  our kernel, at the strip sizes in ``STRIPS`` (``triton_conv.FORWARD`` holds the one TritonConv3d uses);
+  with ``--backward`` also the weight gradient alone, cuDNN's against ``conv3x3x3_weight_grad``
+  (``sweep…_wgrad``). (Session 8's ``ours<rows>x<width>`` columns timed a first, tiled kernel, since
+  removed.)
 
 Prints one JSON line per conv with milliseconds per call and the largest difference from ``ndhwc``.
 """
@@ -110,12 +110,11 @@ def main() -> None:
             compiled = torch.compile(to_channels_last(conv_module(cin, cout, k)), dynamic=False, options=opts)
             forms["triton"] = lambda m=compiled: m(xl)
             if k == 3:
-                from medgen_cli.engine.triton_conv import SWEEP_TILES, TILES, conv3x3x3
+                from medgen_cli.engine.triton_conv import STRIPS, conv3x3x3
 
-                for kind, tiles in (("ours", TILES), ("sweep", SWEEP_TILES)):
-                    for bh, bw in tiles:
-                        forms[f"{kind}{bh}x{bw}"] = lambda m=base, bh=bh, bw=bw, sw=kind == "sweep": conv3x3x3(
-                            xl, m.weight, m.bias, bh, bw, sweep=sw)
+                for rows, bw in STRIPS:
+                    forms[f"sweep{rows}x{bw}"] = lambda m=base, rows=rows, bw=bw: conv3x3x3(xl, m.weight, m.bias,
+                                                                                           rows, bw)
         row = {"conv": name, "cin": cin, "cout": cout, "k": k, "spatial": sp,
                "gflop": round(2 * cin * cout * k ** 3 * sp[0] * sp[1] * sp[2] / 1e9, 1)}
         with torch.no_grad():
@@ -125,7 +124,7 @@ def main() -> None:
                 row[f + "_maxdiff"] = float((fn().float() - ref).abs().max())
         if a.backward:
             for f, fn in forms.items():
-                if f == "triton" or f.startswith(("ours", "sweep")):  # forward-only kernels
+                if f == "triton" or f.startswith("sweep"):  # forward-only kernels
                     continue
                 inp = mods[f][1] if f in mods else xl
                 weight = (mods[f][0] if f in mods else base).weight
@@ -137,7 +136,7 @@ def main() -> None:
                 row[f + "_fwdbwd_ms"] = round(ms(step, a.iters), 3)
                 inp.requires_grad_(False)
             if a.triton and k == 3:  # the weight gradient alone: cuDNN's against our tap-wise kernel
-                from medgen_cli.engine.triton_conv import SWEEP_TILES, TILES, conv3x3x3_weight_grad
+                from medgen_cli.engine.triton_conv import STRIPS, conv3x3x3_weight_grad
 
                 up = torch.randn(1, cout, *sp, device=dev, dtype=torch.bfloat16).contiguous(
                     memory_format=torch.channels_last_3d)
@@ -147,13 +146,10 @@ def main() -> None:
                         up, xl, wl, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False])[1]
                     row["cudnn_wgrad_ms"] = round(ms(cudnn, a.iters), 3)
                     ref_w = cudnn().float()
-                    for kind, tiles in (("ours", TILES), ("sweep", SWEEP_TILES)):
-                        for bh, bw in tiles:
-                            fn = lambda bh=bh, bw=bw, sw=kind == "sweep": conv3x3x3_weight_grad(  # noqa: E731
-                                xl, up, bh, bw, sweep=sw)
-                            row[f"{kind}{bh}x{bw}_wgrad_ms"] = round(ms(fn, a.iters), 3)
-                            row[f"{kind}{bh}x{bw}_wgrad_relerr"] = float((fn() - ref_w).abs().max()
-                                                                         / ref_w.abs().max())
+                    for rows, bw in STRIPS:
+                        fn = lambda rows=rows, bw=bw: conv3x3x3_weight_grad(xl, up, rows, bw)  # noqa: E731
+                        row[f"sweep{rows}x{bw}_wgrad_ms"] = round(ms(fn, a.iters), 3)
+                        row[f"sweep{rows}x{bw}_wgrad_relerr"] = float((fn() - ref_w).abs().max() / ref_w.abs().max())
         print(json.dumps(row), flush=True)
         del x, xl, mods, forms, base, ref
         torch.cuda.empty_cache()

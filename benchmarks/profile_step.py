@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py --preset 2d-pixel-128 --what train [--set train.compile=true ...]
     python benchmarks/profile_step.py --preset 3d-pixel-256 --what fast-eval [--plain-ops | --native-group-norm]
-        [--cudnn-convs | --conv-tile sweep32x128 | --triton-channels 32 | --autotune-convs] [--copies]
+        [--cudnn-convs | --conv-strip 32x128 | --triton-channels 32 | --autotune-convs] [--copies]
 
 Prints one JSON object: wall seconds per step, GPU busy seconds per step (sum of kernel times), kernel
 launches per step, and the kernels that take the most GPU time, grouped by kind (convolution, GEMM,
@@ -102,10 +102,9 @@ def main() -> None:
                     help="exact_fast_ops(triton_convs=False): cuDNN for the small 3×3×3 convs, for comparison")
     ap.add_argument("--aten-weight-grad", action="store_true",
                     help="our Triton convs with the weight gradient on cuDNN instead of our kernel")
-    ap.add_argument("--conv-tile", default="", metavar="KINDROWSxW",
-                    help="our Triton convs (forward, input and weight gradients) on one tile instead of the "
-                         "defaults, named as bench_conv.py's columns: ours4x64 (the tile kernel, session 8's "
-                         "default) or sweep32x128 (the sweeping kernel)")
+    ap.add_argument("--conv-strip", default="", metavar="ROWSxW",
+                    help="our Triton convs (forward, input and weight gradients) on one strip size instead of "
+                         "the defaults, e.g. 32x128")
     ap.add_argument("--triton-channels", type=int, default=None, metavar="N",
                     help="swap in our Triton convs up to N channels instead of swap_triton_convs' default")
     a = ap.parse_args()
@@ -120,11 +119,10 @@ def main() -> None:
 
     if a.aten_weight_grad:
         triton_conv.WEIGHT_GRAD = "aten"
-    if a.conv_tile:
-        kind, rows, width = re.fullmatch(r"(ours|sweep)(\d+)x(\d+)", a.conv_tile).groups()
-        tile = {"block_h": int(rows), "block_w": int(width), "sweep": kind == "sweep"}
-        triton_conv.FORWARD = tile
-        triton_conv.weight_grad_tile = lambda cin: tile
+    if a.conv_strip:
+        rows, width = map(int, a.conv_strip.split("x"))
+        triton_conv.FORWARD = {"rows": rows, "block_w": width}
+        triton_conv.weight_grad_strip = lambda cin: triton_conv.FORWARD
     if a.triton_channels:
         triton_conv.swap_triton_convs = functools.partial(triton_conv.swap_triton_convs, max_channels=a.triton_channels)
     from medgen_cli.config import load
@@ -135,7 +133,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "conv_tile": a.conv_tile,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad, "conv_strip": a.conv_strip,
            "triton_channels": a.triton_channels,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()

@@ -24,45 +24,39 @@ def interpreted(monkeypatch):
     importlib.reload(triton_kernels)
 
 
-@pytest.mark.parametrize("n,cin,cout,spatial,block_h,block_w,sweep", [
-    (1, 2, 16, (3, 4, 5), 1, 16, False),     # the 2-channel input conv: K padded 6 → 16
-    (2, 16, 16, (4, 3, 37), 2, 16, False),   # H and W not multiples of the tile, batch 2 (plane index carries n)
-    (1, 16, 1, (3, 5, 20), 4, 16, False),    # the 1-channel output conv: C_out padded 1 → 16, sliced back
-    (1, 32, 32, (2, 3, 9), 1, 32, False),    # K = 96 padded to 128
-    (1, 4, 8, (2, 3, 9), 2, 16, False),      # a latent UNet's input conv: K 12 → 16, C_out 8 → 16
-    (1, 8, 4, (2, 3, 9), 2, 16, True),       # K 24 → 32, C_out 4 → 16, sweeping
-    (1, 2, 16, (3, 4, 5), 2, 16, True),      # the sweeping kernel: bands of 2 rows
-    (2, 16, 16, (4, 7, 37), 3, 16, True),    # H = 7 in bands of 3 (the last one ragged), ragged W, batch 2
-    (1, 16, 1, (3, 5, 20), 8, 16, True),     # one band longer than H
-    (1, 32, 32, (2, 3, 9), 1, 32, True),     # bands of one row
+@pytest.mark.parametrize("n,cin,cout,spatial,rows,block_w", [
+    (1, 2, 16, (3, 4, 5), 2, 16),      # the 2-channel input conv: K padded 6 → 16, bands of 2 rows
+    (2, 16, 16, (4, 7, 37), 3, 16),    # H = 7 in bands of 3 (the last one ragged), ragged W, batch 2
+    (1, 16, 1, (3, 5, 20), 8, 16),     # the 1-channel output conv (C_out padded 1 → 16); a band longer than H
+    (1, 32, 32, (2, 3, 9), 1, 32),     # K = 96 padded to 128; bands of one row
+    (1, 4, 8, (2, 3, 9), 2, 16),       # a latent UNet's input conv: K 12 → 16, C_out 8 → 16
+    (1, 8, 4, (2, 3, 9), 2, 16),       # K 24 → 32, C_out 4 → 16
 ])
-def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, block_h, block_w, sweep):
+def test_kernel_equals_conv3d(interpreted, n, cin, cout, spatial, rows, block_w):
     g = torch.Generator().manual_seed(cin + cout)
     x = cl(torch.randn(n, cin, *spatial, generator=g))
     w, b = torch.randn(cout, cin, 3, 3, 3, generator=g), torch.randn(cout, generator=g)
     ref = F.conv3d(x, w, b, padding=1)
-    y = conv3x3x3(x, w, b, block_h=block_h, block_w=block_w, sweep=sweep)
+    y = conv3x3x3(x, w, b, rows, block_w)
     assert y.shape == ref.shape
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
-    no_bias = conv3x3x3(x, w, None, block_h=block_h, block_w=block_w, sweep=sweep)
+    no_bias = conv3x3x3(x, w, None, rows, block_w)
     assert (no_bias - F.conv3d(x, w, padding=1)).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("cin,cout,spatial,block_h,block_w,programs,sweep", [
-    (2, 16, (3, 4, 19), 2, 16, 3, False),    # more tiles than programs: each program loops over its share
-    (16, 1, (2, 5, 7), 4, 16, 5, False),     # one output channel (padded to 16 inside), ragged H
-    (16, 16, (3, 3, 33), 1, 32, 64, False),  # more programs than tiles: capped
-    (2, 16, (3, 7, 19), 3, 16, 4, True),     # the sweeping kernel: strips of 3 rows, the last ragged
-    (16, 1, (2, 5, 7), 8, 16, 64, True),     # a strip longer than H, programs capped
-    (16, 16, (3, 4, 33), 1, 32, 5, True),    # strips of one row
+@pytest.mark.parametrize("cin,cout,spatial,rows,block_w,programs", [
+    (2, 16, (3, 7, 19), 3, 16, 4),     # strips of 3 rows, the last ragged; more strips than programs
+    (16, 1, (2, 5, 7), 8, 16, 64),     # one output channel (padded to 16 inside); a strip longer than H,
+                                       # more programs than strips: capped
+    (16, 16, (3, 4, 33), 1, 32, 5),    # strips of one row, ragged W
 ])
-def test_weight_grad_kernel_equals_conv3d(interpreted, cin, cout, spatial, block_h, block_w, programs, sweep):
+def test_weight_grad_kernel_equals_conv3d(interpreted, cin, cout, spatial, rows, block_w, programs):
     g = torch.Generator().manual_seed(cin * cout)
     x = cl(torch.randn(2, cin, *spatial, generator=g))
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
     up = torch.randn(2, cout, *spatial, generator=g)
     (ref,) = torch.autograd.grad(F.conv3d(x, w, padding=1), w, up)
-    ours = triton_conv.conv3x3x3_weight_grad(x, up, block_h, block_w, programs=programs, sweep=sweep)
+    ours = triton_conv.conv3x3x3_weight_grad(x, up, rows, block_w, programs=programs)
     assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -78,16 +72,16 @@ def test_the_custom_op_is_consistent(interpreted):
     assert (torch.ops.medgen.conv3x3x3(x, w, b) - F.conv3d(x, w, b, padding=1)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("cin,cout,weight_grad,sweep", [(2, 16, "triton", False), (16, 1, "triton", False),
-                                                       (16, 16, "aten", False), (16, 16, "triton", True)])
-def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad, sweep):
+@pytest.mark.parametrize("cin,cout,weight_grad", [(2, 16, "triton"), (16, 1, "triton"), (16, 16, "aten"),
+                                                   (16, 16, "triton")])
+def test_gradients_equal_conv3d(interpreted, monkeypatch, cin, cout, weight_grad):
     """The op's backward: the input gradient through the kernel on flipped, channel-swapped weights; the
-    weight gradient through our tap-wise kernel or ATen; the bias gradient a sum; the tile and the sweeping
-    kernels each with more than one program per plane (2 × 16 tiles, strips of 3 rows)."""
+    weight gradient through our kernel or ATen; the bias gradient a sum; strips of 3 rows × 16, so more
+    than one program per plane."""
     monkeypatch.setattr(triton_conv, "WEIGHT_GRAD", weight_grad)
-    tile = {"block_h": 3 if sweep else 2, "block_w": 16, "sweep": sweep}  # the tile kernel: a power of 2
-    monkeypatch.setattr(triton_conv, "FORWARD", tile)
-    monkeypatch.setattr(triton_conv, "weight_grad_tile", lambda cin: tile)
+    strip = {"rows": 3, "block_w": 16}
+    monkeypatch.setattr(triton_conv, "FORWARD", strip)
+    monkeypatch.setattr(triton_conv, "weight_grad_strip", lambda cin: strip)
     g = torch.Generator().manual_seed(3)
     x = cl(torch.randn(2, cin, 3, 4, 19, generator=g)).requires_grad_()
     w = torch.randn(cout, cin, 3, 3, 3, generator=g).requires_grad_()
@@ -117,7 +111,7 @@ def test_swap_takes_only_small_3x3x3_convs_and_cpu_tensors_stay_on_pytorch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cin,cout", [(2, 16), (16, 16), (32, 32), (16, 1)])
 def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
-    """The real (compiled) kernels in bf16, every tile size the benchmark tries, ragged H and W: the
+    """The real (compiled) kernels in bf16, every strip size the benchmark tries, ragged H and W: the
     convolution and the weight gradient against float32 PyTorch."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = cl(torch.randn(2, cin, 5, 11, 70, device="cuda", generator=g)).bfloat16()
@@ -127,13 +121,12 @@ def test_compiled_kernel_in_bf16_on_cuda(cin, cout):
     up = cl(torch.randn(ref.shape, device="cuda", generator=g)).bfloat16()
     wf = w.float().requires_grad_()
     (ref_w,) = torch.autograd.grad(F.conv3d(x.float(), wf, padding=1), wf, up.float())
-    tiles = [(bh, bw, False) for bh, bw in triton_conv.TILES] + [(bh, bw, True) for bh, bw in triton_conv.SWEEP_TILES]
-    for bh, bw, sweep in tiles:
-        y = conv3x3x3(x, w, b, bh, bw, sweep=sweep)
+    for rows, bw in triton_conv.STRIPS:
+        y = conv3x3x3(x, w, b, rows, bw)
         assert y.dtype == torch.bfloat16 and (cout == 1 or y.is_contiguous(memory_format=torch.channels_last_3d))
-        assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bh, bw, sweep)
-        gw = triton_conv.conv3x3x3_weight_grad(x, up, bh, bw, sweep=sweep)
-        assert (gw - ref_w).abs().max() <= 1e-2 * ref_w.abs().max(), (bh, bw, sweep)
+        assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (rows, bw)
+        gw = triton_conv.conv3x3x3_weight_grad(x, up, rows, bw)
+        assert (gw - ref_w).abs().max() <= 1e-2 * ref_w.abs().max(), (rows, bw)
 
 
 @pytest.mark.gpu

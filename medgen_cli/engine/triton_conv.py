@@ -7,23 +7,19 @@ them put a floor of ~26 ms under every 256³ evaluation. Ours (session 9, H200, 
 against 3.1, 16→16 1.16 against 2.76, weight gradients 0.78 and 1.39 against 1.94 and 2.08; at 32→16
 cuDNN wins (2.63 against our best 2.77), so only convolutions of ≤ 16 channels are swapped.
 
-How (channels-last tensors): a program takes a tile of ``BLOCK_H`` output rows × ``BLOCK_W`` positions
-along W of one output plane ``(n, d)``, all output channels. For each of the 9 (kd, kh) taps it reads,
-per output row, one input row, which in channels-last memory is a contiguous run of ``W × C_in`` values.
-The three kw taps of that row are folded into the reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for
-``j < 3 · C_in`` is exactly the im2col block of positions ``w - 1, w, w + 1``, read with one coalesced
-load, and the weights are re-ordered to match (``j = kw · C_in + c``, zero rows up to a power of two).
-So the forward does 9 loads and 9 tensor-core products ``[BLOCK_H · BLOCK_W, K] @ [K, C_out]`` per tile,
-accumulates in float32 and adds the bias once; the kh taps of neighbouring rows in a tile re-read the
-same input rows, which L1 then serves. The input gradient of such a convolution is another one (flipped
-taps, swapped channels): the same kernel. The weight gradient sums ``A_tapᵀ @ grad`` per tap over the
-output tiles (:func:`conv3x3x3_weight_grad`).
-
-Sweeping variants (``sweep=True``, what TritonConv3d runs since session 9's measurements):
-a program owns a strip of ``block_h`` rows × ``block_w`` positions and walks down it one input row at a
-time. Input row r feeds output rows r − 1, r, r + 1 through taps kh = 2, 1, 0, so it is read once per
-kd (3 times in all instead of 9), and three accumulators roll down with it (forward); the weight
-gradient keeps the three output-gradient rows rolling instead and sums all nine taps in one program.
+How (channels-last tensors): a program owns a strip of ``rows`` output rows × ``block_w`` positions
+along W of one output plane ``(n, d)``, all output channels, and walks down it one input row at a time.
+An input row is, in channels-last memory, a contiguous run of ``W × C_in`` values, and its three kw taps
+are folded into the reduction: ``A[w, j] = row[(w - 1) · C_in + j]`` for ``j < 3 · C_in`` is exactly the
+im2col block of positions ``w - 1, w, w + 1``, read with one coalesced load, and the weights are
+re-ordered to match (``j = kw · C_in + c``, zero rows up to a power of two). Input row r of plane
+d + kd − 1 feeds output rows r − 1, r, r + 1 through taps kh = 2, 1, 0, so each input row is read once
+per kd (3 times in all, where a tile per output row reads it 9 times: session 8's first kernel, 1.52 ms
+at 16→16) and three float32 accumulators ``[block_w, C_out]`` roll down with it, one tensor-core product
+``[block_w, K] @ [K, C_out]`` per (row, tap); the bias is added once. The input gradient of such a
+convolution is another one (flipped taps, swapped channels): the same kernel. The weight gradient
+(:func:`conv3x3x3_weight_grad`) sweeps the same strips keeping three output-gradient rows rolling instead,
+and sums ``Aᵀ @ grad`` for all nine taps in one program.
 
 Exact up to the summation order (float32 accumulation; the weight gradient's atomic adds make its last
 bits vary from run to run). ``exact_fast_ops`` swaps :class:`TritonConv3d` in on CUDA (sampling fast
@@ -37,18 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TILES = [(1, 64), (1, 128), (2, 64), (4, 32), (4, 64)]  # (rows, positions along W) that bench_conv.py tries
-SWEEP_TILES = [(16, 64), (32, 32), (32, 64), (32, 128), (64, 64), (64, 128)]  # (rows swept, positions along W)
-# What TritonConv3d runs, the fastest tiles at 256×256×160 (H200, session 9, bf16): the forward and input
-# gradient sweep 32 rows of 64-wide strips (16→16 1.16 ms; the 4 × 64 tile 1.52, cuDNN 2.76; 2→16 0.46 / 0.45)
-FORWARD = {"block_h": 32, "block_w": 64, "sweep": True}
+STRIPS = [(16, 64), (32, 32), (32, 64), (32, 128), (64, 64), (64, 128)]  # (rows, width): what bench_conv.py tries
+# What TritonConv3d runs, the fastest strips at 256×256×160 (H200, session 9, bf16): the forward and input
+# gradient sweep 32 rows of 64-wide strips (16→16 1.16 ms, cuDNN 2.76; 2→16 0.46, cuDNN 3.11)
+FORWARD = {"rows": 32, "block_w": 64}
 
 
-def weight_grad_tile(cin: int) -> dict:
-    """The weight gradient's tile (with ``WEIGHT_GRAD = "triton"``): sweeping 32 rows of 128-wide strips
-    at ≤ 4 input channels (2→16: 0.78 ms; 64-wide 1.10, cuDNN 1.94), 64-wide above (16→16: 1.39 ms;
-    128-wide 1.46, cuDNN 2.08); session 9, H200."""
-    return {"block_h": 32, "block_w": 128 if cin <= 4 else 64, "sweep": True}
+def weight_grad_strip(cin: int) -> dict:
+    """The weight gradient's strips (with ``WEIGHT_GRAD = "triton"``): 32 rows, 128 wide at ≤ 4 input
+    channels (2→16: 0.78 ms; 64-wide 1.10, cuDNN 1.94), 64 wide above (16→16: 1.39 ms; 128-wide 1.46,
+    cuDNN 2.08); session 9, H200."""
+    return {"rows": 32, "block_w": 128 if cin <= 4 else 64}
 
 
 WEIGHT_GRAD = "triton"  # or "aten" (cuDNN): which computes TritonConv3d's weight gradient
@@ -61,8 +56,8 @@ def _pow2(n: int, least: int = 16) -> int:
 def _stages(stage_bytes: int, device: torch.device, fixed: int = 0) -> int:
     """Software-pipeline stages for a loop that loads ``stage_bytes`` per iteration: up to 3, within 85 % of
     the device's shared memory per block less ``fixed`` bytes held throughout (an H200 has 227 KB, an A100
-    164 KB: on the H200 3 stages of a 4 × 64 × 128 bf16 tile did not fit, nor 2 of a 128-wide sweep beside
-    its 9 weight taps). Off CUDA (Triton's interpreter) the count is not used."""
+    164 KB: on the H200 2 stages of a 128-wide, 128-K strip did not fit beside its 9 weight taps). Off CUDA
+    (Triton's interpreter) the count is not used."""
     smem = 100_000
     if device.type == "cuda":
         smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", smem)
@@ -81,60 +76,46 @@ def fold_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.
     return w, F.pad(b, (0, coutp - cout)).contiguous()
 
 
-def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_h: int = 2,
-              block_w: int = 64, num_warps: int = 4, sweep: bool = False) -> torch.Tensor:
+def conv3x3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 32,
+              block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=1)`` for a channels-last 5-D ``x``, through the Triton kernel
-    (one program per ``block_h`` × ``block_w`` tile of an output plane; with ``sweep``, one program per
-    ``block_w``-wide strip of ``block_h`` rows that it sweeps row by row, reading each input row 3 times
-    instead of 9); the output is channels-last in ``x``'s dtype."""
+    (one program per ``block_w``-wide strip of ``rows`` rows of an output plane, swept row by row); the
+    output is channels-last in ``x``'s dtype."""
     N, cin, D, H, W = x.shape
     cout = weight.shape[0]
     x = x.contiguous(memory_format=torch.channels_last_3d)
     wk, bk = fold_weight(weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    coutp = wk.shape[2]
+    k, coutp = wk.shape[1:]
     y = torch.empty((N, coutp, D, H, W), device=x.device, dtype=x.dtype, memory_format=torch.channels_last_3d)
-    grid = (N * D, -(-H // block_h), -(-W // block_w))
     from . import triton_kernels  # on first use: importing medgen never needs Triton
 
-    if sweep:
-        triton_kernels.forward_sweep[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1],
-                                           ROWS=block_h, BLOCK_W=block_w, num_warps=num_warps,
-                                           num_stages=_stages(3 * block_w * wk.shape[1] * x.element_size(), x.device,
-                                                              fixed=wk.numel() * wk.element_size()))
-    else:
-        triton_kernels.forward[grid](x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=wk.shape[1], BLOCK_H=block_h,
-                                     BLOCK_W=block_w, num_warps=num_warps)
+    stages = _stages(3 * block_w * k * x.element_size(), x.device, fixed=wk.numel() * wk.element_size())
+    triton_kernels.forward[(N * D, -(-H // rows), -(-W // block_w))](
+        x, wk, bk, y, D, H, W, CIN=cin, COUT=coutp, K=k, ROWS=rows, BLOCK_W=block_w, num_warps=num_warps,
+        num_stages=stages)
     return y[:, :cout] if coutp != cout else y
 
 
-def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, block_h: int = 2, block_w: int = 64,
-                          programs: int = 264, num_warps: int = 4, sweep: bool = False) -> torch.Tensor:
+def conv3x3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, rows: int = 32, block_w: int = 64,
+                          programs: int = 264, num_warps: int = 4) -> torch.Tensor:
     """The weight gradient of ``F.conv3d(x, w, padding=1)`` (3×3×3) for the output gradient ``grad``, in
-    float32: ``programs`` programs per (kd, kh) tap each sum ``A_tapᵀ @ grad`` over a share of the
-    ``block_h`` × ``block_w`` output tiles (``A_tap`` the same folded input rows as the forward kernel's);
-    with ``sweep``, ``programs`` programs each sweep a share of the ``block_h``-row, ``block_w``-wide
-    strips for all nine taps, reading each input row 3 times instead of 9. Partial sums go into one
-    buffer atomically (so the summation order, hence the last bits, vary from run to run)."""
+    float32: ``programs`` programs each sweep a share of the ``rows``-row, ``block_w``-wide strips for all
+    nine taps, reading each input row 3 times. Partial sums go into one buffer atomically (so the
+    summation order, hence the last bits, vary from run to run)."""
     N, cin, D, H, W = x.shape
     cout = grad.shape[1]
     x = x.contiguous(memory_format=torch.channels_last_3d)
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
     k, coutp = _pow2(3 * cin), _pow2(cout)
     buf = torch.zeros((9, k, coutp), device=x.device, dtype=torch.float32)
-    tiles_h, tiles_w = -(-H // block_h), -(-W // block_w)
-    tiles = N * D * tiles_h * tiles_w
+    bands, tiles_w = -(-H // rows), -(-W // block_w)
+    strips = N * D * bands * tiles_w
     from . import triton_kernels
 
-    if sweep:
-        stages = _stages((3 * k + coutp) * block_w * x.element_size(), x.device)
-        triton_kernels.weight_grad_sweep[(min(programs, tiles),)](
-            x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout, COUT=coutp, K=k, ROWS=block_h,
-            BLOCK_W=block_w, num_warps=num_warps, num_stages=stages)
-    else:
-        stages = _stages((k + coutp) * block_h * block_w * x.element_size(), x.device)
-        triton_kernels.weight_grad[(min(programs, tiles), 9)](
-            x, grad, buf, D, H, W, tiles_h, tiles_w, tiles, CIN=cin, CG=cout, COUT=coutp, K=k, BLOCK_H=block_h,
-            BLOCK_W=block_w, num_warps=num_warps, num_stages=stages)
+    stages = _stages((3 * k + coutp) * block_w * x.element_size(), x.device)
+    triton_kernels.weight_grad[(min(programs, strips),)](
+        x, grad, buf, D, H, W, bands, tiles_w, strips, CIN=cin, CG=cout, COUT=coutp, K=k, ROWS=rows,
+        BLOCK_W=block_w, num_warps=num_warps, num_stages=stages)
     # buf[kd·3 + kh, kw·C_in + c, o] → (C_out, C_in, kd, kh, kw)
     return buf[:, :3 * cin, :cout].reshape(3, 3, 3, cin, cout).permute(4, 3, 0, 1, 2).contiguous()
 
@@ -207,7 +188,7 @@ def _backward(ctx, grad):
 
 @torch.library.custom_op("medgen::conv3x3x3_weight_grad", mutates_args=())
 def _weight_grad_op(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return conv3x3x3_weight_grad(x, grad, **weight_grad_tile(x.shape[1]))
+    return conv3x3x3_weight_grad(x, grad, **weight_grad_strip(x.shape[1]))
 
 
 @_weight_grad_op.register_fake

@@ -12,8 +12,8 @@ import triton.language as tl
 def _folded_rows(x_ptr, plane, h, w, t, D, H, W, CIN: tl.constexpr, K: tl.constexpr):
     """[M, K] for the output positions (plane = n·D + d, h, w) and tap t = kd·3 + kh: input row h + kh − 1
     of plane d + kd − 1 at positions w − 1, w, w + 1, channels innermost; zero outside the volume and in
-    the K padding. (Rows of tile positions past the output's edge are read but never used: the forward
-    does not store them, the weight gradient multiplies them by a masked-out zero gradient.)"""
+    the K padding. (Positions past the output's edge are read but never used: the forward does not store
+    them, the weight gradient multiplies them by a masked-out zero gradient.)"""
     j = tl.arange(0, K)
     dd = plane % D + t // 3 - 1
     hh = h + t % 3 - 1
@@ -27,32 +27,13 @@ def _folded_rows(x_ptr, plane, h, w, t, D, H, W, CIN: tl.constexpr, K: tl.conste
 
 @triton.jit
 def forward(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """y (C_out padded to COUT) = the 3×3×3 convolution of x (CIN channels) for one tile of one plane; grid
-    (N·D, tiles along H, tiles along W); w_ptr: the folded weights (9, K, COUT), b_ptr: the bias (COUT)."""
-    plane = tl.program_id(0).to(tl.int64)
-    m = tl.arange(0, BLOCK_H * BLOCK_W)
-    h = tl.program_id(1) * BLOCK_H + m // BLOCK_W
-    w = tl.program_id(2) * BLOCK_W + m % BLOCK_W
-    j = tl.arange(0, K)
-    o = tl.arange(0, COUT)
-    acc = tl.full((BLOCK_H * BLOCK_W, COUT), 0.0, tl.float32)
-    for t in tl.static_range(9):
-        a = _folded_rows(x_ptr, plane, h, w, t, D, H, W, CIN, K)
-        acc += tl.dot(a, tl.load(w_ptr + t * K * COUT + j[:, None] * COUT + o[None, :]))
-    acc += tl.load(b_ptr + o).to(tl.float32)[None, :]
-    out = y_ptr + ((plane * H + h) * W + w)[:, None] * COUT + o[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=((h < H) & (w < W))[:, None])
-
-
-@triton.jit
-def forward_sweep(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
-    """As :func:`forward`, but a program sweeps ``ROWS`` output rows of a ``BLOCK_W``-wide strip and reads
-    each input row once per kd (3 row loads per output row instead of 9): input row r adds to output rows
-    r − 1, r and r + 1 (taps kh = 2, 1, 0), held in three accumulators that roll down by one row per step;
-    row r − 1 is complete after step r and is stored. Grid (N·D, cdiv(H, ROWS), cdiv(W, BLOCK_W)); the
-    loop over rows is a real loop, so Triton can pipeline its loads."""
+            ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
+    """y (C_out padded to COUT) = the 3×3×3 convolution of x (CIN channels) over ``ROWS`` output rows of a
+    ``BLOCK_W``-wide strip of one plane; w_ptr: the folded weights (9, K, COUT), b_ptr: the bias (COUT).
+    Each input row is read once per kd (3 row loads per output row, not 9): input row r adds to output
+    rows r − 1, r and r + 1 (taps kh = 2, 1, 0), held in three accumulators that roll down by one row per
+    step; row r − 1 is complete after step r and is stored. Grid (N·D, cdiv(H, ROWS), cdiv(W, BLOCK_W));
+    the loop over rows is a real loop, so Triton can pipeline its loads."""
     plane = tl.program_id(0).to(tl.int64)
     h0 = tl.program_id(1) * ROWS
     w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -88,29 +69,6 @@ def forward_sweep(x_ptr, w_ptr, b_ptr, y_ptr, D, H, W, CIN: tl.constexpr, COUT: 
 
 
 @triton.jit
-def weight_grad(x_ptr, g_ptr, out_ptr, D, H, W, tiles_h, tiles_w, tiles, CIN: tl.constexpr,
-                CG: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr):
-    """out (9, K, COUT) += Σ over this program's tiles of A_tapᵀ @ g, for the tap program_id(1); grid
-    (programs, 9), program i taking tiles i, i + programs, …; g has CG ≤ COUT channels."""
-    t = tl.program_id(1)
-    m = tl.arange(0, BLOCK_H * BLOCK_W)
-    j = tl.arange(0, K)
-    o = tl.arange(0, COUT)
-    acc = tl.full((K, COUT), 0.0, tl.float32)
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        plane = (tile // (tiles_h * tiles_w)).to(tl.int64)
-        rest = tile % (tiles_h * tiles_w)
-        h = (rest // tiles_w) * BLOCK_H + m // BLOCK_W
-        w = (rest % tiles_w) * BLOCK_W + m % BLOCK_W
-        a = _folded_rows(x_ptr, plane, h, w, t, D, H, W, CIN, K)
-        gy = tl.load(g_ptr + ((plane * H + h) * W + w)[:, None] * CG + o[None, :],
-                     mask=((h < H) & (w < W))[:, None] & (o[None, :] < CG), other=0.0)  # [M, C_out]
-        acc += tl.dot(tl.trans(a), gy)
-    tl.atomic_add(out_ptr + t * K * COUT + j[:, None] * COUT + o[None, :], acc)
-
-
-@triton.jit
 def _grad_row(g_ptr, plane, h, w, h0, H, W, CG: tl.constexpr, COUT: tl.constexpr, ROWS: tl.constexpr):
     """[BLOCK_W, COUT]: output-gradient row h ≥ h0 of the plane at positions w; zero past row h0 + ROWS − 1
     (the end of the band this program owns), outside the volume and past CG channels."""
@@ -121,9 +79,8 @@ def _grad_row(g_ptr, plane, h, w, h0, H, W, CG: tl.constexpr, COUT: tl.constexpr
 
 
 @triton.jit
-def weight_grad_sweep(x_ptr, g_ptr, out_ptr, D, H, W, bands, tiles_w, strips, CIN: tl.constexpr,
-                      CG: tl.constexpr, COUT: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr,
-                      BLOCK_W: tl.constexpr):
+def weight_grad(x_ptr, g_ptr, out_ptr, D, H, W, bands, tiles_w, strips, CIN: tl.constexpr, CG: tl.constexpr,
+                COUT: tl.constexpr, K: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr):
     """out (9, K, COUT) += the weight gradient over this program's strips (a strip: ``ROWS`` rows × ``BLOCK_W``
     positions of one plane; program i takes strips i, i + programs, …), all nine taps at once: sweeping
     input rows r, each is read once per kd and multiplies the output-gradient rows r + 1, r, r − 1
