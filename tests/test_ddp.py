@@ -21,10 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "allreduce"])
+@pytest.mark.parametrize("parallel", ["ddp", "allreduce", "overlap"])
 def test_two_processes_equal_one(cli, tiny_preset, phantom_root, tmp_path, parallel):
-    """DDP's wrapper, and "allreduce" (one all-reduce after the backward: what ddp becomes for CUDA-graph
-    steps), each against one process."""
+    """DDP's wrapper, "allreduce" (one all-reduce after the backward: what ddp becomes for CUDA-graph
+    steps) and "overlap" (one per block inside the backward), each against one process."""
     preset = tiny_preset(2, extra="\n[train.ema]\nenabled = true\nstart_step = 1\nevery = 1\n")
     args = ["train", "--preset", preset, "--data", phantom_root, "--max-steps", 4, "--set", "train.preview_every=0",
             "--device", "cpu", "--set", f"train.parallel='{parallel}'"]  # the gloo test; NCCL needs a GPU per rank

@@ -174,17 +174,79 @@ def test_launch_option_errors(cli, tiny_preset, phantom_root, tmp_path):
 
 def test_collective_over_mixed_layouts_writes_every_tensor_back():
     """"allreduce" flattens gradients in memory order (channels-last ones included, no reordering copy) and
-    writes the collective's result back into every tensor; a tensor that is not dense is refused."""
+    writes the collective's result back into every tensor; any other layout is refused."""
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(4, 3, 2, 2, 2, generator=g).contiguous(memory_format=torch.channels_last_3d),
-          torch.randn(5, generator=g), torch.tensor(2.0), torch.randn(3, 4, generator=g).t(),
-          torch.randn(2, 2, generator=g, dtype=torch.float64)]
+          torch.randn(5, generator=g), torch.tensor(2.0), torch.randn(2, 3, 4, 4, generator=g).contiguous(
+              memory_format=torch.channels_last), torch.randn(2, 2, generator=g, dtype=torch.float64)]
     seen = []
     want = [t * 2 + 1 for t in ts]
     Parallel._all(ts, lambda flat: seen.append(flat.dtype) or flat.mul_(2).add_(1))
     assert sorted(map(str, seen)) == ["torch.float32", "torch.float64"]  # one collective per dtype
     for t, w in zip(ts, want):
         assert torch.equal(t, w)
-    assert ts[0].is_contiguous(memory_format=torch.channels_last_3d)
-    with pytest.raises(ValueError, match="non-dense"):
-        Parallel._all([torch.randn(4, 4)[:, :2]], lambda flat: None)
+    assert ts[0].is_contiguous(memory_format=torch.channels_last_3d) and ts[3].is_contiguous(
+        memory_format=torch.channels_last)
+    for odd in (torch.randn(4, 4)[:, :2], torch.randn(3, 4).t()):
+        with pytest.raises(ValueError, match="neither contiguous nor channels-last"):
+            Parallel._all([odd], lambda flat: None)
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one, in this process (the functional collectives need one to exist)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                         world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_overlap_averages_inside_the_backward_and_keeps_gradient_layouts(world_of_one, compiled):
+    """"overlap": the network called with each block's parameters through the averaging identity gives the
+    plain network's outputs and gradients (a world of one: the mean is the value), the gradients keep the
+    parameters' layouts (channels-last conv weights included), and compiled, the all-reduces sit inside
+    the backward graph, one per block and one for the rest. (Two processes: tests/test_ddp.py.)"""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    from medgen_cli.engine.parallel import _GradAveragingNet
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv3d(2, 8, 3, padding=1)
+            self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                                                                   torch.nn.Conv3d(8, 8, 3, padding=1))
+                                               for _ in range(2)])
+            self.out = torch.nn.Conv3d(8, 1, 1)
+
+        def forward(self, x, scale=1.0):
+            h = self.conv_in(x)
+            for b in self.blocks:
+                h = h + b(h)
+            return self.out(h) * scale
+
+    torch.manual_seed(0)
+    net = Net().to(memory_format=torch.channels_last_3d)
+    wrapped = _GradAveragingNet(net, 1)
+    assert [len(b) for b in wrapped.buckets] == [4, 4, 4]  # the two blocks, then conv_in and out
+    x = torch.randn(2, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    ref_out = net(x, scale=2.0)
+    ref = torch.autograd.grad(ref_out.square().sum(), list(net.parameters()))
+    backend = AotEagerAndRecordGraphs()
+    call = torch.compile(wrapped, backend=backend) if compiled else wrapped
+    out = call(x, scale=2.0)
+    assert torch.allclose(out, ref_out, atol=1e-6)
+    out.square().sum().backward()
+    for p, r in zip(net.parameters(), ref):  # strides compared where they matter: dimensions longer than 1
+        same_layout = all(a == b for a, b, n in zip(p.grad.stride(), p.stride(), p.shape) if n > 1)
+        assert same_layout and torch.allclose(p.grad, r, atol=1e-5, rtol=1e-5)
+    if compiled:
+        code = "\n".join(g.code for g in backend.bw_graphs)
+        assert code.count("_c10d_functional.all_reduce.") == 3 and code.count("_c10d_functional.wait_tensor.") == 3
