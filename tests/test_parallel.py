@@ -207,6 +207,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # the recording test backend's own
 @pytest.mark.parametrize("compiled", [False, True])
 def test_overlap_averages_inside_the_backward_and_keeps_gradient_layouts(world_of_one, compiled):
     """"overlap": the network called with each block's parameters through the averaging identity gives the
