@@ -72,7 +72,9 @@ def main() -> None:
     s = (time.perf_counter() - t0) / args.iters
     out = {"preset": args.preset, "sets": args.set, "ddp_options": args.ddp_option,
            "cudnn_benchmark": torch.backends.cudnn.benchmark, "world": world.size,
-           "parallel": tr.parallel.kind, "graph_steps": tr._graph_steps, "per_gpu_batch": per_gpu, "step_s": s, "samples_per_s": per_gpu * world.size / s,
+           "parallel": tr.parallel.kind, "graph_steps": tr._graph_steps,
+           "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"],  # graphs refused
+           "per_gpu_batch": per_gpu, "step_s": s, "samples_per_s": per_gpu * world.size / s,
            "omp_threads": torch.get_num_threads(),
            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     if args.profile and dev.type == "cuda":  # every rank steps (collectives); rank 0 keeps the summary
