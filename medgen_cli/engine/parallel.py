@@ -208,7 +208,7 @@ class Parallel:
 
     def sync_grads(self, model: nn.Module) -> None:
         """"allreduce": average the gradients over the ranks (every rank calls it after each backward; a
-        parameter without a gradient counts as zeros). Otherwise nothing: DDP and FSDP did it during the
+        parameter without a gradient counts as zeros). Otherwise nothing: DDP, FSDP and "overlap" did it during the
         backward."""
         if self.kind != "allreduce":
             return
