@@ -201,12 +201,6 @@ def world_of_one():
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # the recording test backend's own
 @pytest.mark.parametrize("compiled", [False, True])
 def test_overlap_averages_inside_the_backward_and_keeps_gradient_layouts(world_of_one, compiled):
@@ -235,7 +229,7 @@ def test_overlap_averages_inside_the_backward_and_keeps_gradient_layouts(world_o
 
     torch.manual_seed(0)
     net = Net().to(memory_format=torch.channels_last_3d)
-    wrapped = _GradAveragingNet(net, 1)
+    wrapped = _GradAveragingNet(net)
     assert [len(b) for b in wrapped.buckets] == [4, 4, 4]  # the two blocks, then conv_in and out
     x = torch.randn(2, 2, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
     ref_out = net(x, scale=2.0)

@@ -110,8 +110,7 @@ class _AverageGrads(torch.autograd.Function):
     of the backward, and a CUDA graph can hold it ("overlap")."""
 
     @staticmethod
-    def forward(ctx, world: int, *params):
-        ctx.world = world
+    def forward(ctx, *params):
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
@@ -120,17 +119,17 @@ class _AverageGrads(torch.autograd.Function):
 
         grads = [g if g.is_contiguous() or _channels_last(g) else g.contiguous() for g in grads]
         flat = fc.all_reduce(torch.cat([_memory_order(g) for g in grads]), "sum", torch.distributed.group.WORLD)
-        chunks = (flat / ctx.world).split([g.numel() for g in grads])
-        return (None, *(_shaped_like(c, g) for c, g in zip(chunks, grads)))
+        chunks = (flat / torch.distributed.get_world_size()).split([g.numel() for g in grads])
+        return tuple(_shaped_like(c, g) for c, g in zip(chunks, grads))
 
 
 class _GradAveragingNet(nn.Module):
     """Calls ``model`` with each bucket of its parameters passed through :class:`_AverageGrads`: one bucket
     per UNet down/middle/up block or DiT block (:func:`fsdp_units`), one for the rest."""
 
-    def __init__(self, model: nn.Module, world: int):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.world = model, world
+        self.model = model
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         units = [[names[id(p)] for p in u.parameters() if id(p) in names] for u in fsdp_units(model)]
         inside = {n for unit in units for n in unit}
@@ -140,7 +139,7 @@ class _GradAveragingNet(nn.Module):
         params = dict(self.model.named_parameters())
         swapped = {}
         for bucket in self.buckets:
-            swapped.update(zip(bucket, _AverageGrads.apply(self.world, *(params[n] for n in bucket))))
+            swapped.update(zip(bucket, _AverageGrads.apply(*(params[n] for n in bucket))))
         return torch.func.functional_call(self.model, swapped, args, kwargs)
 
 
@@ -170,7 +169,7 @@ class Parallel:
         if self.kind in ("allreduce", "overlap"):  # rank 0's initial weights and buffers everywhere, as DDP does
             with torch.no_grad():
                 self._all(list(model.parameters()) + list(model.buffers()), torch.distributed.broadcast, src=0)
-            return model if self.kind == "allreduce" else _GradAveragingNet(model, self.world.size)
+            return model if self.kind == "allreduce" else _GradAveragingNet(model)
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
