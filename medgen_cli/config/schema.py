@@ -259,11 +259,9 @@ class TrainConfig(Strict):
     # Several processes (torchrun): "ddp" replicates the model (gradients all-reduced from DDP's hooks during
     # the backward); "allreduce" replicates it too and averages the gradients in one all-reduce after the
     # backward (what "ddp" becomes under compile_mode="reduce-overhead", whose CUDA graphs cannot hold DDP's
-    # hooks); "overlap" (experimental) averages each block's gradients inside the backward, so a compiled
-    # backward can overlap the transfers and CUDA graphs can hold them; "fsdp" shards parameters, gradients,
-    # AdamW state and EMA (FSDP2, engine/parallel.py); "auto" = FSDP above 1e9 parameters, else DDP. One
-    # process: no wrapper ("fsdp" is refused there).
-    parallel: Literal["auto", "ddp", "allreduce", "overlap", "fsdp"] = "auto"
+    # hooks); "fsdp" shards parameters, gradients, AdamW state and EMA (FSDP2, engine/parallel.py); "auto" =
+    # FSDP above 1e9 parameters, else DDP. One process: no wrapper ("fsdp" is refused there).
+    parallel: Literal["auto", "ddp", "allreduce", "fsdp"] = "auto"
     # Self-conditioning (Chen et al. 2022, "Analog Bits"; engine/selfcond.py): "x0" gives the network as many
     # extra input channels as the image has, holding the previous clean estimate x̂0 (zeros when absent).
     # Training: per sample with p = self_conditioning_prob (keyed by seed, step, sample) a no-grad forward

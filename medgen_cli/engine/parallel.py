@@ -4,10 +4,7 @@
 gradients from hooks during the backward (DDP's buckets, overlapping communication with it);
 "allreduce" replicates it too but averages the gradients with one all-reduce after the backward
 (``sync_grads``): no overlap, but nothing inside the backward that a CUDA graph cannot replay, so it is
-what "ddp" becomes under ``train.compile_mode="reduce-overhead"``; "overlap" (experimental, not yet
-measured on GPUs) averages each block's gradients inside the backward itself, through an identity
-autograd function whose backward all-reduces with a traceable collective, so a compiled backward can
-overlap the transfers with its remaining work and a CUDA graph can hold them; "fsdp" shards parameters,
+what "ddp" becomes under ``train.compile_mode="reduce-overhead"``; "fsdp" shards parameters,
 gradients, AdamW state and the EMA shadow over the ranks (each UNet down/middle/up block, or DiT
 block, is one unit, gathered for its forward and backward and resharded after); "auto" picks FSDP
 above 1e9 parameters (engine/planner.py ``parallel_kind``). One process: no wrapper; "fsdp" there is
@@ -71,14 +68,12 @@ def _skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-# channels-last layouts by rank: memory format, the permutation to the order in memory, and back
-_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1), (0, 3, 1, 2)),
-                  5: (torch.channels_last_3d, (0, 2, 3, 4, 1), (0, 4, 1, 2, 3))}
+# channels-last layouts by rank: memory format, and the permutation to the order in memory
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
 
 
 def _channels_last(t: torch.Tensor) -> tuple | None:
-    """``t``'s channels-last entry when it is channels-last and not also contiguous, else None. (Plain
-    ``if``s, so Dynamo traces it inside a compiled backward.)"""
+    """``t``'s channels-last entry when it is channels-last and not also contiguous, else None."""
     if t.is_contiguous() or t.dim() not in _CHANNELS_LAST:
         return None
     entry = _CHANNELS_LAST[t.dim()]
@@ -94,53 +89,6 @@ def _memory_order(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"cannot all-reduce in place a tensor of strides {t.stride()}: neither contiguous nor "
                          "channels-last")
     return (t.permute(cl[1]) if cl else t).view(-1)
-
-
-def _shaped_like(flat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t.numel()`` elements in ``t``'s memory order (what :func:`_memory_order` gives) as a view with
-    ``t``'s shape and strides."""
-    cl = _channels_last(t)
-    return flat.view([t.shape[d] for d in cl[1]]).permute(cl[2]) if cl else flat.view(t.shape)
-
-
-class _AverageGrads(torch.autograd.Function):
-    """Identity on one bucket of parameters; its backward averages their gradients over the ranks in one
-    all-reduce. The collective is a traceable functional one: inside a compiled backward it is issued as
-    soon as the bucket's gradients exist and waited for where they are used, so it can overlap the rest
-    of the backward, and a CUDA graph can hold it ("overlap")."""
-
-    @staticmethod
-    def forward(ctx, *params):
-        return tuple(p.view_as(p) for p in params)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        from torch.distributed import _functional_collectives as fc
-
-        grads = [g if g.is_contiguous() or _channels_last(g) else g.contiguous() for g in grads]
-        flat = fc.all_reduce(torch.cat([_memory_order(g) for g in grads]), "sum", torch.distributed.group.WORLD)
-        chunks = (flat / torch.distributed.get_world_size()).split([g.numel() for g in grads])
-        return tuple(_shaped_like(c, g) for c, g in zip(chunks, grads))
-
-
-class _GradAveragingNet(nn.Module):
-    """Calls ``model`` with each bucket of its parameters passed through :class:`_AverageGrads`: one bucket
-    per UNet down/middle/up block or DiT block (:func:`fsdp_units`), one for the rest."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        units = [[names[id(p)] for p in u.parameters() if id(p) in names] for u in fsdp_units(model)]
-        inside = {n for unit in units for n in unit}
-        self.buckets = [b for b in [*units, [n for n in names.values() if n not in inside]] if b]
-
-    def forward(self, *args, **kwargs):
-        params = dict(self.model.named_parameters())
-        swapped = {}
-        for bucket in self.buckets:
-            swapped.update(zip(bucket, _AverageGrads.apply(*(params[n] for n in bucket))))
-        return torch.func.functional_call(self.model, swapped, args, kwargs)
 
 
 class Parallel:
@@ -166,10 +114,10 @@ class Parallel:
         self.kind = parallel_kind(self.want, self.world.size, n)
         if self.kind == "ddp" and self.graphs:
             self.kind = "allreduce"
-        if self.kind in ("allreduce", "overlap"):  # rank 0's initial weights and buffers everywhere, as DDP does
+        if self.kind == "allreduce":  # rank 0's initial weights and buffers everywhere, as DDP does
             with torch.no_grad():
                 self._all(list(model.parameters()) + list(model.buffers()), torch.distributed.broadcast, src=0)
-            return model if self.kind == "allreduce" else _GradAveragingNet(model)
+            return model
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -207,8 +155,7 @@ class Parallel:
 
     def sync_grads(self, model: nn.Module) -> None:
         """"allreduce": average the gradients over the ranks (every rank calls it after each backward; a
-        parameter without a gradient counts as zeros). Otherwise nothing: DDP, FSDP and "overlap" did it during the
-        backward."""
+        parameter without a gradient counts as zeros). Otherwise nothing: DDP and FSDP did it during the backward."""
         if self.kind != "allreduce":
             return
         grads = []

@@ -394,7 +394,7 @@ def _eval_forward(p, net, space, batch: int, trainer_mod, precision: str) -> Non
 
 
 def parallel_kind(want: str, world: int, parameters: int) -> str:
-    """``none`` (one process), ``ddp``, ``allreduce``, ``overlap`` or ``fsdp`` for ``train.parallel`` = ``want`` at this
+    """``none`` (one process), ``ddp``, ``allreduce`` or ``fsdp`` for ``train.parallel`` = ``want`` at this
     world size (the Trainer's Parallel turns ``ddp`` into ``allreduce`` for CUDA-graph steps)."""
     if world <= 1:
         if want == "fsdp":
@@ -440,10 +440,9 @@ def gpu_estimate(sim: Simulation, world: int, kind: str, ema: bool = False, prev
     previews are on."""
     step = sim.train
     saved = gather = 0
-    if kind in ("ddp", "allreduce", "overlap"):
+    if kind in ("ddp", "allreduce"):
         # DDP: gradient buckets, held for the whole step (the gradients are views into them); allreduce: the
-        # flat buffer the gradients are averaged in, at the step's end; overlap: a block's gradients and their
-        # averaged copy coexist until the copy replaces them (a parameter-sized buffer: an upper bound)
+        # flat buffer the gradients are averaged in, at the step's end
         step += sim.param_bytes
     elif kind == "fsdp":
         saved = sim.persistent - sim.persistent // world  # sharded parameters, AdamW state, EMA shadow

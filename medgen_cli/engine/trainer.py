@@ -145,9 +145,6 @@ class Trainer:
             if mode == "reduce-overhead" and (self.parallel.kind in ("ddp", "fsdp") or device.type != "cuda"):
                 mode = "default"  # CUDA graphs: on CUDA, not with DDP/FSDP (they communicate from hooks)
             self._graph_steps = mode == "reduce-overhead"
-            if self.parallel.kind == "overlap":  # Inductor waits for each block's all-reduce only where it is used
-                torch._inductor.config.reorder_for_compute_comm_overlap = True
-                torch._inductor.config.reorder_for_compute_comm_overlap_passes = ["sink_waits"]
             persistent_compile_cache()
             self.net = torch.compile(self.net, mode=None if mode == "default" else mode)
 
