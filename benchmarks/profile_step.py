@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_unet  # noqa: E402
 
-KINDS = [("comm", r"nccl"), ("conv", r"conv|implicit_gemm|sm90_xmma_fprop|dgrad|wgrad|cudnn"), ("gemm", r"gemm|matmul|cutlass|nvjet"),
-         ("attention", r"flash|fmha|attention|sdpa"), ("norm", r"norm|welford"), ("triton", r"^triton_"),
+# first match wins: attention before conv (cuDNN's attention kernels are named cudnn_…_sdpa_…_flash_…)
+KINDS = [("comm", r"nccl"), ("attention", r"flash|fmha|attention|sdpa"),
+         ("conv", r"conv|implicit_gemm|sm90_xmma_fprop|dgrad|wgrad|cudnn"), ("gemm", r"gemm|matmul|cutlass|nvjet"),
+         ("norm", r"norm|welford"), ("triton", r"^triton_"),
          ("copy", r"copy|memcpy|memset|cat|transpose|permute"), ("optimizer", r"adam|foreach|multi_tensor|lerp")]
 
 
@@ -41,23 +43,26 @@ def kind(name: str) -> str:
 
 
 def copy_origins(p, steps: int) -> list:
-    """Which CPU op launched each copy kernel, with its input shapes and the compiled graph or autograd
-    node it ran in (visible only without CUDA graphs: a graph replay hides its ops)."""
+    """Which CPU op launched each copy kernel, with its input shapes, the ops that called it (``callers``:
+    e.g. aten::contiguous < aten::cudnn_convolution_backward) and the compiled graph or autograd node it
+    ran in (visible only without CUDA graphs: a graph replay hides its ops)."""
     found: dict = defaultdict(lambda: [0.0, 0])
     for e in p.events():
         for k in getattr(e, "kernels", []):
             if kind(k.name) != "copy":
                 continue
-            chain, a = [], e.cpu_parent
+            callers, chain, a = [], [], e.cpu_parent
             while a is not None:
                 if re.search(r"Compiled|Backward|Optimizer|autograd|clip|ema|##", a.name):
                     chain.append(a.name[:60])
+                elif len(callers) < 3:
+                    callers.append(a.name[:60])
                 a = a.cpu_parent
-            key = (e.name, str(e.input_shapes)[:120], " < ".join(chain[:3]))
+            key = (e.name, str(e.input_shapes)[:120], " < ".join(callers), " < ".join(chain[:3]))
             found[key][0] += k.duration / 1e6 / steps
             found[key][1] += 1
-    return [{"op": op, "shapes": sh, "within": w, "s": round(v[0], 5), "calls": v[1] // steps}
-            for (op, sh, w), v in sorted(found.items(), key=lambda kv: -kv[1][0])[:25]]
+    return [{"op": op, "shapes": sh, "callers": c, "within": w, "s": round(v[0], 5), "calls": v[1] // steps}
+            for (op, sh, c, w), v in sorted(found.items(), key=lambda kv: -kv[1][0])[:25]]
 
 
 def profile(fn, steps: int, copies: bool = False) -> dict:
