@@ -259,10 +259,9 @@ def bench(name: str, args) -> dict:
             run_plain(out, args, preset, dev, image, cond, sdpa)
             break
         except torch.OutOfMemoryError:
+            for k in [k for k in out if k.startswith("plain")]:  # a half-measured attempt's figures
+                del out[k]
             out["plain"] = "out of memory" + (" with SDPA attention too" if sdpa else " with MONAI's default attention")
-            for k in [k for k in out if k.startswith("plain")]:
-                if k != "plain":
-                    del out[k]
         finally:
             gc.collect()
             cuda_free()
