@@ -110,10 +110,12 @@ class Trainer:
             to_channels_last(exact_fast_ops(self.model))
         # What the training step calls: the DDP wrapper, the model sharded in place by FSDP, or the model itself
         # (one process; "allreduce", which ddp becomes for CUDA-graph steps: engine/parallel.py)
-        graphs = getattr(cfg, "compile", False) and getattr(cfg, "compile_mode", "default") == "reduce-overhead" \
-            and device.type == "cuda"
+        compile_mode = getattr(cfg, "compile_mode", "default") if getattr(cfg, "compile", False) else None
+        graphs = compile_mode == "reduce-overhead" and device.type == "cuda"
         self.parallel = Parallel(world, device, getattr(cfg, "parallel", "auto"), graphs=graphs)
         self.net = self.parallel.wrap(self.model)
+        # CUDA graphs: on CUDA, not with FSDP (it communicates from hooks; DDP became "allreduce" above)
+        self._graph_steps = graphs and self.parallel.kind != "fsdp"
         self.train_ds, self.val_ds, self.run_dir, self.device = train_ds, val_ds, Path(run_dir), device
         self.config_json, self.num_workers = config_json, num_workers
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -139,14 +141,11 @@ class Trainer:
         # --- scoreaug/sda: ScoreAug / SDA / regional weighting / bf16 MSE loss; torch.compile ---
         self.extras = tricks.LossExtras.from_config(cfg, config_json, self.model)
         self._compat(config_json)  # compat.first_mode_batches, compat.val_perceptual
-        self._graph_steps = False
-        if getattr(cfg, "compile", False):
-            mode = getattr(cfg, "compile_mode", "default")
-            if mode == "reduce-overhead" and (self.parallel.kind in ("ddp", "fsdp") or device.type != "cuda"):
-                mode = "default"  # CUDA graphs: on CUDA, not with DDP/FSDP (they communicate from hooks)
-            self._graph_steps = mode == "reduce-overhead"
+        if compile_mode is not None:
+            if compile_mode == "reduce-overhead" and not self._graph_steps:
+                compile_mode = "default"
             persistent_compile_cache()
-            self.net = torch.compile(self.net, mode=None if mode == "default" else mode)
+            self.net = torch.compile(self.net, mode=None if compile_mode == "default" else compile_mode)
 
     # ---- randomness -------------------------------------------------------------------------
     def _keys(self, stream: int, step: int, n: int) -> list[tuple[int, ...]]:
