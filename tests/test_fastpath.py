@@ -55,23 +55,24 @@ def test_channels_last_keeps_values_and_changes_strides():
     assert channels_last(x).stride() != x.stride()
 
 
-@pytest.mark.parametrize("layout", [False, True])
-def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
-    """The swapped 3D input/output convolutions, upsampling and GroupNorm equal MONAI's modules (fp32,
-    forward and backward) and keep the state dict; in 2D the convolutions stay."""
+@pytest.mark.parametrize("dims,layout", [(3, False), (3, True), (2, True)])
+def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
+    """The swapped input/output convolutions (3D: depth fold and padded outputs; 2D: the shift-GEMM weight
+    gradient), upsampling and GroupNorm equal MONAI's modules (fp32, forward and backward) and keep the
+    state dict."""
     import copy
 
     names = lambda net: {type(m).__name__ for m in net.modules()}  # noqa: E731
-    net = tiny_unet(3).train()
+    net = tiny_unet(dims).train()
     with torch.no_grad():  # MONAI zero-initialises some convolutions: no gradient would reach conv_in
         for p in net.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     fast = exact_fast_ops(copy.deepcopy(net))
-    assert names(fast) - names(net) == {"_DepthFoldConv3d", "_PaddedOutConv3d", "_RepeatUpsample",
-                                        "_ChannelStatsGroupNorm"}
+    convs = {"_DepthFoldConv3d", "_PaddedOutConv3d"} if dims == 3 else {"_ShiftGemmConv"}
+    assert names(fast) - names(net) == convs | {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
     assert list(fast.state_dict()) == list(net.state_dict())
-    x, t = inputs(3)
-    x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold
+    x, t = inputs(dims)
+    x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold (3D) or a transposed tap (2D)
     if layout:
         fast, x = to_channels_last(fast), channels_last(x)
     ys = [m(x, t) for m in (net, fast)]
@@ -87,7 +88,6 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(layout):
     up = torch.nn.Upsample(scale_factor=(2.0, 3.0), mode="nearest")
     z = torch.randn(2, 3, 4, 5)
     assert torch.equal(exact_fast_ops(copy.deepcopy(up))(z), up(z))
-    assert names(exact_fast_ops(tiny_unet(2))) - names(tiny_unet(2)) == {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
 
 
 @pytest.mark.parametrize("dims", [2, 3])
