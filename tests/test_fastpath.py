@@ -69,16 +69,26 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
             p.add_(torch.randn_like(p), alpha=0.05)
     fast = exact_fast_ops(copy.deepcopy(net))
     convs = {"_DepthFoldConv3d", "_PaddedOutConv3d"} if dims == 3 else {"_ShiftGemmConv"}
-    assert names(fast) - names(net) == convs | {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
+    blocks = {f"_{n}" for n in names(net) & {"AttnDownBlock", "AttnMidBlock", "AttnUpBlock", "UpBlock"}}
+    assert len(blocks) >= 2  # the decoder's concatenations and at least one attention block
+    assert names(fast) - names(net) == convs | blocks | {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
     assert list(fast.state_dict()) == list(net.state_dict())
     x, t = inputs(dims)
     x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold (3D) or a transposed tap (2D)
+    seen = []  # channels-last in, channels-last throughout: every convolution's input and output gradient
     if layout:
         fast, x = to_channels_last(fast), channels_last(x)
+        cl = lambda a: a.is_contiguous(memory_format=torch.channels_last_3d if a.ndim == 5 else torch.channels_last)  # noqa: E731
+        for m in fast.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                m.register_forward_pre_hook(lambda m, a: seen.append(("input", cl(a[0]))))
+                m.register_full_backward_pre_hook(lambda m, g: seen.append(("output gradient", cl(g[0]))))
     ys = [m(x, t) for m in (net, fast)]
     assert rel_err(ys[1], ys[0]) < 1e-5
     for y in ys:
         (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    assert all(ok for _, ok in seen), [what for what, ok in seen if not ok]
+    assert len(seen) > 20 or not layout
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (net, fast)]
     assert rel_err(grads[1], grads[0]) < 1e-5
     for m in (net.conv_in.conv, net.out[-1].conv):  # the swapped convolutions' own weights

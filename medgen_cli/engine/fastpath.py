@@ -24,6 +24,7 @@ compiled call with a warning, as does an input signature beyond ``max_graphs``.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import itertools
 import logging
@@ -162,12 +163,76 @@ class _RepeatUpsample(nn.Upsample):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sf = self.scale_factor
         factors = sf if isinstance(sf, tuple) else (sf,) * (x.ndim - 2)
-        view, big, out = list(x.shape[:2]), list(x.shape[:2]), list(x.shape[:2])
+        last = _layout(x) is not torch.contiguous_format  # channels-last in, channels-last out
+        y = x.movedim(1, -1) if last else x  # (B, *S, C) or (B, C, *S)
+        lead, tail = (list(y.shape[:1]), list(y.shape[-1:])) if last else (list(y.shape[:2]), [])
+        view, big, out = list(lead), list(lead), list(lead)
         for s, f in zip(x.shape[2:], factors):
             view += [s, 1]
             big += [s, int(f)]
             out.append(s * int(f))
-        return x.reshape(view).expand(big).reshape(out)
+        y = y.reshape(view + tail).expand(big + tail).reshape(out + tail)
+        return y.movedim(-1, 1) if last else y
+
+
+class _CatDenseGrads(torch.autograd.Function):
+    """``torch.cat(dim=1)`` whose backward hands each input a dense gradient in that input's layout.
+
+    The plain backward gives channel slices of the concatenated gradient; a slice of a channels-last
+    tensor is not dense, and cuDNN's convolution backward copies it (the decoder's skip connections)."""
+
+    @staticmethod
+    def forward(ctx, *xs):
+        ctx.sizes = [x.shape[1] for x in xs]
+        ctx.formats = [_layout(x) for x in xs]
+        return torch.cat(xs, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(p.contiguous(memory_format=f) for p, f in zip(g.split(ctx.sizes, 1), ctx.formats))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return cl if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl) \
+        else torch.contiguous_format
+
+
+@functools.cache
+def _monai_blocks() -> dict:
+    """MONAI's UNet blocks → the same blocks without the layout changes of their forwards: the
+    ``.contiguous()`` after each attention (it turns channels-last activations back to channel-first, and
+    every convolution that meets them copies them again: 30 copies, 2.6 ms, in the compiled 2d-pixel-128
+    step; benchmarks/NOTES.md, session 11) and the skip connections' concatenation (:class:`_CatDenseGrads`).
+    Same modules, parameters and values."""
+    from monai.networks.nets import diffusion_model_unet as d
+
+    def down(self, hidden_states, temb, context=None):
+        out = []
+        for resnet, attn in zip(self.resnets, self.attentions):
+            hidden_states = attn(resnet(hidden_states, temb))
+            out.append(hidden_states)
+        if self.downsampler is not None:
+            hidden_states = self.downsampler(hidden_states, temb)
+            out.append(hidden_states)
+        return hidden_states, out
+
+    def mid(self, hidden_states, temb, context=None):
+        return self.resnet_2(self.attention(self.resnet_1(hidden_states, temb)), temb)
+
+    def up(self, hidden_states, res_hidden_states_list, temb, context=None):
+        attns = getattr(self, "attentions", None) or [None] * len(self.resnets)
+        for i, (resnet, attn) in enumerate(zip(self.resnets, attns)):
+            skip = res_hidden_states_list[-1 - i]
+            hidden_states = resnet(_CatDenseGrads.apply(hidden_states, skip), temb)
+            if attn is not None:
+                hidden_states = attn(hidden_states)
+        if self.upsampler is not None:
+            hidden_states = self.upsampler(hidden_states, temb)
+        return hidden_states
+
+    return {base: type(f"_{base.__name__}", (base,), {"forward": fwd, "__doc__": "MONAI's block, layout kept"})
+            for base, fwd in ((d.AttnDownBlock, down), (d.AttnMidBlock, mid), (d.AttnUpBlock, up), (d.UpBlock, up))}
 
 
 class _ChannelStatsGroupNorm(nn.GroupNorm):
@@ -224,6 +289,7 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
     if triton_convs is None:
         p = next(module.parameters(), None)
         triton_convs = p is not None and triton_convs_default(p.device)
+    blocks = _monai_blocks()
     for m in module.modules():
         if type(m) is nn.Conv3d and m.groups == 1 and m.padding_mode == "zeros":
             if m.in_channels < 8 and m.kernel_size == (3, 3, 3) and m.stride == (1, 1, 1) \
@@ -241,6 +307,8 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
             m.__class__ = _RepeatUpsample
         elif group_norm and type(m) is nn.GroupNorm:
             m.__class__ = _ChannelStatsGroupNorm
+        elif type(m) in blocks:
+            m.__class__ = blocks[type(m)]
     if triton_convs:
         from .triton_conv import swap_triton_convs
 
