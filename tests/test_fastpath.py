@@ -57,9 +57,9 @@ def test_channels_last_keeps_values_and_changes_strides():
 
 @pytest.mark.parametrize("dims,layout", [(3, False), (3, True), (2, True)])
 def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
-    """The swapped input/output convolutions (3D: depth fold and padded outputs; 2D: the shift-GEMM weight
-    gradient), upsampling and GroupNorm equal MONAI's modules (fp32, forward and backward) and keep the
-    state dict."""
+    """The swapped modules (3D input/output convolutions, upsampling, GroupNorm, the UNet blocks) equal
+    MONAI's (fp32, forward and backward) and keep the state dict; with channels-last inputs every
+    convolution sees channels-last inputs and output gradients; in 2D the convolutions stay."""
     import copy
 
     names = lambda net: {type(m).__name__ for m in net.modules()}  # noqa: E731
@@ -68,13 +68,13 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
         for p in net.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     fast = exact_fast_ops(copy.deepcopy(net))
-    convs = {"_DepthFoldConv3d", "_PaddedOutConv3d"} if dims == 3 else {"_ShiftGemmConv"}
+    convs = {"_DepthFoldConv3d", "_PaddedOutConv3d"} if dims == 3 else set()
     blocks = {f"_{n}" for n in names(net) & {"AttnDownBlock", "AttnMidBlock", "AttnUpBlock", "UpBlock"}}
     assert len(blocks) >= 2  # the decoder's concatenations and at least one attention block
     assert names(fast) - names(net) == convs | blocks | {"_RepeatUpsample", "_ChannelStatsGroupNorm"}
     assert list(fast.state_dict()) == list(net.state_dict())
     x, t = inputs(dims)
-    x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold (3D) or a transposed tap (2D)
+    x = x[..., :6]  # depth ≠ height ≠ width catches a transposed fold
     seen = []  # channels-last in, channels-last throughout: every convolution's input and output gradient
     if layout:
         fast, x = to_channels_last(fast), channels_last(x)
@@ -91,7 +91,7 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
     assert len(seen) > 20 or not layout
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (net, fast)]
     assert rel_err(grads[1], grads[0]) < 1e-5
-    for m in (net.conv_in.conv, net.out[-1].conv):  # the swapped convolutions' own weights
+    for m in (net.conv_in.conv, net.out[-1].conv):  # the (3D: swapped) input and output convolutions' weights
         name = next(n for n, p in net.named_parameters() if p is m.weight)
         a, b = m.weight.grad, fast.get_parameter(name).grad
         assert a.abs().max() > 0 and rel_err(b, a) < 1e-5, name

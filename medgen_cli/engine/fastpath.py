@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import itertools
 import logging
 import os
 
@@ -87,69 +86,6 @@ class _PaddedOutConv3d(nn.Conv3d):
         w = torch.cat([self.weight, self.weight.new_zeros(8 - n, *self.weight.shape[1:])])
         b = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(8 - n)])
         return self._conv_forward(x, channels_last(w), b)[:, :n]
-
-
-def _taps(t: torch.Tensor, flip: bool) -> torch.Tensor:
-    """(N, C, *S) → (N·prod(S), C·3^d): the 3^d shifted windows of ``t`` zero-padded by one, channels outer
-    and taps inner (a weight's (C, k…) order); ``flip`` walks the taps backwards (the window that a
-    gradient is shifted by)."""
-    d = t.ndim - 2
-    tl = nn.functional.pad(t, (1, 1) * d).movedim(1, -1)  # (N, *S+2, C)
-    size = t.shape[2:]
-    wins = []
-    for k in itertools.product(range(3), repeat=d):
-        k = [2 - i for i in k] if flip else list(k)
-        wins.append(tl[(slice(None),) + tuple(slice(i, i + s) for i, s in zip(k, size))])
-    return torch.stack(wins, -1).reshape(-1, t.shape[1] * 3 ** d)
-
-
-class _ShiftGemmWeightGrad(torch.autograd.Function):
-    """A 3^d convolution (stride 1, padding 1) whose weight gradient is one GEMM over the shifted windows
-    of the side with few channels: dW[o, c, k] = Σ g[o, p] · x[c, p + k] is G (positions × O)ᵀ · X9
-    (positions × 9C) when C is small, or Xᵀ · G9 with the gradient shifted the other way when O is. cuDNN
-    runs these reductions over N·H·W positions on a handful of thread blocks (1.2–1.5 ms for the 2D
-    UNet's 128 → 1 output conv at 16 × 128², benchmarks/NOTES.md, session 11); the GEMM reads the wide
-    side once. Forward and input gradient stay cuDNN's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        conv = nn.functional.conv2d if x.ndim == 4 else nn.functional.conv3d
-        return conv(x, weight, bias, padding=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        d = x.ndim - 2
-        O, C = weight.shape[:2]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(g, x, weight, None, [1] * d, [1] * d, [1] * d, False,
-                                                     [0] * d, 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            if C <= O:  # (O, positions) @ (positions, C·taps)
-                gw = g.movedim(1, -1).reshape(-1, O).t() @ _taps(x, flip=False)
-            else:  # (C, positions) @ (positions, O·taps), then (O, C, taps)
-                gw = (x.movedim(1, -1).reshape(-1, C).t() @ _taps(g, flip=True)).view(C, O, -1).transpose(0, 1)
-            gw = gw.reshape(weight.shape).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum((0,) + tuple(range(2, g.ndim)), dtype=torch.promote_types(g.dtype, torch.float32))
-            gb = gb.to(weight.dtype)
-        return gx, gw, gb
-
-
-class _ShiftGemmConv(nn.Conv2d):
-    """``nn.Conv2d`` / ``nn.Conv3d`` (3^d, stride 1, padding 1) with under 8 input or output channels whose
-    weight gradient is :class:`_ShiftGemmWeightGrad`'s GEMM. Same parameters; under CUDA autocast the
-    inputs are cast as autocast casts a convolution's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            dt = torch.get_autocast_dtype("cuda")
-            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
-        return _ShiftGemmWeightGrad.apply(x, w, b)
 
 
 class _RepeatUpsample(nn.Upsample):
@@ -297,10 +233,6 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
                 m.__class__ = _DepthFoldConv3d
             elif m.out_channels < 8 and isinstance(m.padding, tuple):
                 m.__class__ = _PaddedOutConv3d
-        elif type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and m.kernel_size == (3, 3) \
-                and m.stride == (1, 1) and m.padding == (1, 1) and m.dilation == (1, 1) \
-                and min(m.in_channels, m.out_channels) < 8:
-            m.__class__ = _ShiftGemmConv
         elif type(m) is nn.Upsample and m.mode == "nearest" and m.size is None and m.scale_factor is not None \
                 and all(float(f).is_integer() and f >= 1 for f in
                         (m.scale_factor if isinstance(m.scale_factor, tuple) else (m.scale_factor,))):
