@@ -129,6 +129,7 @@ class _CatDenseGrads(torch.autograd.Function):
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
+    """``x``'s memory format: channels-last where ``x`` is that and not also plainly contiguous."""
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
     return cl if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl) \
         else torch.contiguous_format
@@ -214,7 +215,8 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
-    channels, nearest upsampling by an integer factor, and (``group_norm``) GroupNorm: classes above;
+    channels, nearest upsampling by an integer factor, MONAI's UNet blocks (their forwards without layout
+    changes, :func:`_monai_blocks`) and (``group_norm``) GroupNorm: classes above;
     with ``triton_convs`` the 3×3×3 convolutions of ≤ 16 channels run our Triton kernel
     (``engine/triton_conv.py``). ``None`` (the default): :func:`triton_convs_default` for the module's
     device (measured on an H200: 256³ evaluation 44.0 →
