@@ -141,8 +141,8 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "no_subpixel": a.no_subpixel, "aten_weight_grad": a.aten_weight_grad, "conv_strip": a.conv_strip,
-           "triton_channels": a.triton_channels,
+           "cudnn_convs": a.cudnn_convs, "no_subpixel": a.no_subpixel, "aten_weight_grad": a.aten_weight_grad,
+           "conv_strip": a.conv_strip, "triton_channels": a.triton_channels,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()
     if a.what == "train":

@@ -80,7 +80,8 @@ def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
     seen = []  # channels-last in, channels-last throughout: every convolution's input and output gradient
     if layout:
         fast, x = to_channels_last(fast), channels_last(x)
-        cl = lambda a: a.is_contiguous(memory_format=torch.channels_last_3d if a.ndim == 5 else torch.channels_last)  # noqa: E731
+        fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+        cl = lambda a: a.is_contiguous(memory_format=fmt)  # noqa: E731
         for m in fast.modules():
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 m.register_forward_pre_hook(lambda m, a: seen.append(("input", cl(a[0]))))
