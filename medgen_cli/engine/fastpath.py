@@ -258,13 +258,13 @@ def triton_convs_default(device: torch.device) -> bool:
 
 
 def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool | None = None,
-                   subpixel: bool = True) -> nn.Module:
+                   subpixel: bool = False) -> nn.Module:
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
     channels, nearest upsampling by an integer factor, MONAI's UNet blocks (their forwards without layout
-    changes, :func:`_monai_blocks`; with ``subpixel`` its ×2 upsampling + convolution as
-    :func:`nearest2x_conv`) and (``group_norm``) GroupNorm: classes above;
+    changes, :func:`_monai_blocks`; with ``subpixel`` — opt-in until measured on a GPU — its ×2
+    upsampling + convolution as :func:`nearest2x_conv`) and (``group_norm``) GroupNorm: classes above;
     with ``triton_convs`` the 3×3×3 convolutions of ≤ 16 channels run our Triton kernel
     (``engine/triton_conv.py``). ``None`` (the default): :func:`triton_convs_default` for the module's
     device (measured on an H200: 256³ evaluation 44.0 →
