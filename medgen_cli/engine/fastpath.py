@@ -101,7 +101,7 @@ class _RepeatUpsample(nn.Upsample):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sf = self.scale_factor
         factors = sf if isinstance(sf, tuple) else (sf,) * (x.ndim - 2)
-        last = _layout(x) is not torch.contiguous_format  # channels-last in, channels-last out
+        last = memory_format(x) is not torch.contiguous_format  # channels-last in, channels-last out
         y = x.movedim(1, -1) if last else x  # (B, *S, C) or (B, C, *S)
         lead, tail = (list(y.shape[:1]), list(y.shape[-1:])) if last else (list(y.shape[:2]), [])
         view, big, out = list(lead), list(lead), list(lead)
@@ -122,7 +122,7 @@ class _CatDenseGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *xs):
         ctx.sizes = [x.shape[1] for x in xs]
-        ctx.formats = [_layout(x) for x in xs]
+        ctx.formats = [memory_format(x) for x in xs]
         return torch.cat(xs, 1)
 
     @staticmethod
@@ -130,7 +130,7 @@ class _CatDenseGrads(torch.autograd.Function):
         return tuple(p.contiguous(memory_format=f) for p, f in zip(g.split(ctx.sizes, 1), ctx.formats))
 
 
-def _layout(x: torch.Tensor) -> torch.memory_format:
+def memory_format(x: torch.Tensor) -> torch.memory_format:
     """``x``'s memory format: channels-last where ``x`` is that and not also plainly contiguous."""
     cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
     return cl if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl) \
@@ -160,7 +160,7 @@ def nearest2x_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     z = torch.stack(phases).view(*(2,) * d, B, O, *S)  # (a, b, [c,] B, O, H, W, [D])
     order = [d] + [j for k in range(d) for j in (d + 2 + k, k)] + [d + 1]  # (B, H, a, W, b, [D, c,] O)
     out = z.permute(order).reshape(B, *(2 * n for n in S), O).movedim(-1, 1)
-    return out if _layout(x) is not torch.contiguous_format else out.contiguous()
+    return out if memory_format(x) is not torch.contiguous_format else out.contiguous()
 
 
 @functools.cache

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runtime import World
+from .fastpath import memory_format
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -68,27 +69,15 @@ def _skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-# channels-last layouts by rank: memory format, and the permutation to the order in memory
-_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
-
-
-def _channels_last(t: torch.Tensor) -> tuple | None:
-    """``t``'s channels-last entry when it is channels-last and not also contiguous, else None."""
-    if t.is_contiguous() or t.dim() not in _CHANNELS_LAST:
-        return None
-    entry = _CHANNELS_LAST[t.dim()]
-    return entry if t.is_contiguous(memory_format=entry[0]) else None
-
-
 def _memory_order(t: torch.Tensor) -> torch.Tensor:
     """A contiguous or channels-last tensor's elements as a 1-D view in the order they lie in memory (a
     channels-last tensor: a view of its NDHWC permutation). Parameters, buffers and their gradients are
     one of the two; anything else is refused rather than silently not written back."""
-    cl = _channels_last(t)
-    if cl is None and not t.is_contiguous():
+    cl = memory_format(t) is not torch.contiguous_format
+    if not cl and not t.is_contiguous():
         raise ValueError(f"cannot all-reduce in place a tensor of strides {t.stride()}: neither contiguous nor "
                          "channels-last")
-    return (t.permute(cl[1]) if cl else t).view(-1)
+    return (t.movedim(1, -1) if cl else t).view(-1)
 
 
 class Parallel:
