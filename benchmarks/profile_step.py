@@ -65,7 +65,7 @@ def copy_origins(p, steps: int) -> list:
             for (op, sh, c, w), v in sorted(found.items(), key=lambda kv: -kv[1][0])[:25]]
 
 
-def profile(fn, steps: int, copies: bool = False) -> dict:
+def profile(fn, steps: int, copies: bool = False, top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
     wall = bench_unet.timed(fn, steps)  # 3 warm-up calls, then the mean of `steps`
@@ -82,11 +82,11 @@ def profile(fn, steps: int, copies: bool = False) -> dict:
     by_kind: dict = defaultdict(float)
     for name, (sec, _) in per_kernel.items():
         by_kind[kind(name)] += sec
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
     return {"wall_s": round(wall, 5), "gpu_busy_s": round(busy, 5), "busy_share": round(busy / wall, 3),
             "launches_per_step": sum(v[1] for v in per_kernel.values()) // steps,
             "by_kind_s": {k: round(v, 5) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": n[:110], "s": round(v[0], 5), "calls": v[1] // steps} for n, v in top],
+            "top_kernels": [{"name": n[:110], "s": round(v[0], 5), "calls": v[1] // steps} for n, v in ranked],
             **({"copy_origins": copy_origins(p, steps)} if copies else {})}
 
 
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--copies", action="store_true", help="say which ops launch the copy kernels")
+    ap.add_argument("--top", type=int, default=25, help="how many of the costliest kernels to list")
     ap.add_argument("--plain-ops", action="store_true",
                     help="keep MONAI's modules (no engine.fastpath.exact_fast_ops), for comparison")
     ap.add_argument("--native-group-norm", action="store_true",
@@ -162,7 +163,7 @@ def main() -> None:
         fn()
     torch.cuda.synchronize()
     out["first_call_s"] = round(time.perf_counter() - t, 2)
-    out.update(profile(fn, a.steps, a.copies))
+    out.update(profile(fn, a.steps, a.copies, a.top))
     out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # since process start
     out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     print(json.dumps(out, indent=1))
