@@ -55,6 +55,24 @@ def test_channels_last_keeps_values_and_changes_strides():
     assert channels_last(x).stride() != x.stride()
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dynamo_traced_fast_ops_match_eager_without_grad(dims, monkeypatch, tmp_path):
+    """What sampling compiles — the swapped blocks traced by Dynamo under no_grad (backend "eager": the
+    trace without Inductor's CPU compile) — gives the eager network's values. Dynamo mis-bound a variadic
+    autograd.Function there, and compiled sampling concatenated only the skip (session 12)."""
+    import functools
+
+    net = tiny_unet(dims)
+    x, t = inputs(dims)
+    with torch.no_grad():
+        ref = net(x, t)
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # FastNet's compile cache stays here
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    fast = FastNet(net, torch.device("cpu"), compile=True, graphs=False, dtype=torch.float32, layout=True)
+    assert rel_err(fast(x, t), ref) < 1e-5
+
+
 @pytest.mark.parametrize("dims,layout", [(3, False), (3, True), (2, True)])
 def test_exact_fast_ops_give_the_same_values_and_gradients(dims, layout):
     """The swapped modules (3D input/output convolutions, upsampling, GroupNorm, the UNet blocks, the

@@ -114,16 +114,18 @@ class _RepeatUpsample(nn.Upsample):
 
 
 class _CatDenseGrads(torch.autograd.Function):
-    """``torch.cat(dim=1)`` whose backward hands each input a dense gradient in that input's layout.
+    """``torch.cat((a, b), dim=1)`` whose backward hands each input a dense gradient in that input's layout.
 
     The plain backward gives channel slices of the concatenated gradient; a slice of a channels-last
-    tensor is not dense, and cuDNN's convolution backward copies it (the decoder's skip connections)."""
+    tensor is not dense, and cuDNN's convolution backward copies it (the decoder's skip connections).
+    Two named inputs, not ``*xs``: Dynamo (torch 2.11–2.14) binds a variadic ``forward`` wrongly when no input
+    requires grad — compiled sampling got only the last input (tests/test_fastpath.py)."""
 
     @staticmethod
-    def forward(ctx, *xs):
-        ctx.sizes = [x.shape[1] for x in xs]
-        ctx.formats = [memory_format(x) for x in xs]
-        return torch.cat(xs, 1)
+    def forward(ctx, a, b):
+        ctx.sizes = [a.shape[1], b.shape[1]]
+        ctx.formats = [memory_format(a), memory_format(b)]
+        return torch.cat((a, b), 1)
 
     @staticmethod
     def backward(ctx, g):
