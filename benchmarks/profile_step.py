@@ -104,8 +104,6 @@ def main() -> None:
                     help="keep MONAI's GroupNorm, swap the rest (exact_fast_ops(group_norm=False)), for comparison")
     ap.add_argument("--autotune-convs", action="store_true",
                     help="fast-eval: FastNet(autotune_convs=True), Inductor's Triton conv templates against cuDNN")
-    ap.add_argument("--subpixel", action="store_true",
-                    help="exact_fast_ops(subpixel=True): the ×2 upsampling + convolution at the input's resolution")
     ap.add_argument("--cudnn-convs", action="store_true",
                     help="exact_fast_ops(triton_convs=False): cuDNN for the small 3×3×3 convs, for comparison")
     ap.add_argument("--aten-weight-grad", action="store_true",
@@ -120,10 +118,9 @@ def main() -> None:
 
     if a.plain_ops:
         fastpath.exact_fast_ops = lambda module, **_: module
-    elif a.native_group_norm or a.cudnn_convs or a.subpixel:
+    elif a.native_group_norm or a.cudnn_convs:
         fastpath.exact_fast_ops = functools.partial(fastpath.exact_fast_ops, group_norm=not a.native_group_norm,
-                                                    triton_convs=False if a.cudnn_convs else None,
-                                                    subpixel=a.subpixel)
+                                                    triton_convs=False if a.cudnn_convs else None)
     import medgen_cli.engine.triton_conv as triton_conv
 
     if a.aten_weight_grad:
@@ -142,7 +139,7 @@ def main() -> None:
     tr, step = bench_unet.medgen_step(preset, dev, image, cond)
     out = {"preset": a.preset, "what": a.what, "set": a.set, "plain_ops": a.plain_ops,
            "native_group_norm": a.native_group_norm, "autotune_convs": a.autotune_convs,
-           "cudnn_convs": a.cudnn_convs, "subpixel": a.subpixel, "aten_weight_grad": a.aten_weight_grad,
+           "cudnn_convs": a.cudnn_convs, "aten_weight_grad": a.aten_weight_grad,
            "conv_strip": a.conv_strip, "triton_channels": a.triton_channels,
            "batch": preset.train.batch_size, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t = time.perf_counter()

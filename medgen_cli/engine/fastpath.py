@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import itertools
 import logging
 import os
 
@@ -139,32 +138,6 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-_FOLD = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))  # [phase][tap of 2][tap of 3]
-
-
-def nearest2x_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Nearest upsampling by 2 followed by a 3^d convolution (stride 1, padding 1), computed at the input's
-    resolution: output position 2i + a sees input rows i − 1, i (phase a = 0) or i, i + 1 (a = 1), so
-    each of the 2^d output phases is a 2^d convolution of the input with the 3^d taps summed onto two
-    per axis (``_FOLD``). One convolution with 2^d·O filters over the input padded by one gives all
-    phases; they are then interleaved. (2/3)^d of the multiplies (2D 0.44, 3D 0.30) and no upsampled
-    tensor; the weights are summed in float32, so values equal upsample-then-convolve up to rounding."""
-    d, (B, O), S = x.ndim - 2, (x.shape[0], weight.shape[0]), x.shape[2:]
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    f = torch.tensor(_FOLD, dtype=wide, device=weight.device)
-    spec = "apk,bql,ockl->abocpq" if d == 2 else "apk,bql,cmr,oiklr->abcoipqm"
-    w = torch.einsum(spec, *([f] * d), weight.to(wide)).reshape(2 ** d * O, -1, *(2,) * d).to(weight.dtype)
-    b = None if bias is None else bias.repeat(2 ** d)
-    conv = nn.functional.conv2d if d == 2 else nn.functional.conv3d
-    y = conv(x, channels_last(w), b, padding=1)  # (B, 2^d·O, *(S + 1)): phase p's block, shifted by p
-    phases = [y[(slice(None), slice(i * O, (i + 1) * O)) + tuple(slice(a, a + n) for a, n in zip(p, S))]
-              for i, p in enumerate(itertools.product((0, 1), repeat=d))]
-    z = torch.stack(phases).view(*(2,) * d, B, O, *S)  # (a, b, [c,] B, O, H, W, [D])
-    order = [d] + [j for k in range(d) for j in (d + 2 + k, k)] + [d + 1]  # (B, H, a, W, b, [D, c,] O)
-    out = z.permute(order).reshape(B, *(2 * n for n in S), O).movedim(-1, 1)
-    return out if memory_format(x) is not torch.contiguous_format else out.contiguous()
-
-
 @functools.cache
 def _monai_blocks() -> dict:
     """MONAI's UNet blocks → the same blocks without the layout changes of their forwards: the
@@ -198,27 +171,8 @@ def _monai_blocks() -> dict:
             hidden_states = self.upsampler(hidden_states, temb)
         return hidden_states
 
-    def upsample(self, x, emb=None):  # swapped in where _upsamples_then_convolves
-        return nearest2x_conv(x, self.postconv.conv.weight, self.postconv.conv.bias)
-
     return {base: type(f"_{base.__name__}", (base,), {"forward": fwd, "__doc__": "MONAI's block, layout kept"})
-            for base, fwd in ((d.AttnDownBlock, down), (d.AttnMidBlock, mid), (d.AttnUpBlock, up), (d.UpBlock, up),
-                              (d.WrappedUpsample, upsample))}
-
-
-def _upsamples_then_convolves(m: nn.Module) -> bool:
-    """Whether ``m`` (MONAI's ``WrappedUpsample``) is nearest ×2 upsampling then a 3^d convolution of
-    stride 1 and padding 1, and nothing else: what :func:`nearest2x_conv` computes."""
-    up, post = getattr(m, "upsample_non_trainable", None), getattr(m, "postconv", None)
-    conv = getattr(post, "conv", None)
-    if list(m.children()) != [up, post] or list(post.children()) != [conv] or not isinstance(up, nn.Upsample) \
-            or not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
-        return False
-    d = conv.weight.ndim - 2
-    sf = up.scale_factor if isinstance(up.scale_factor, tuple) else (up.scale_factor,) * d
-    return up.mode == "nearest" and up.size is None and all(f is not None and float(f) == 2 for f in sf) \
-        and conv.kernel_size == (3,) * d and conv.stride == (1,) * d and conv.padding == (1,) * d \
-        and conv.dilation == (1,) * d and conv.groups == 1 and conv.padding_mode == "zeros"
+            for base, fwd in ((d.AttnDownBlock, down), (d.AttnMidBlock, mid), (d.AttnUpBlock, up), (d.UpBlock, up))}
 
 
 class _ChannelStatsGroupNorm(nn.GroupNorm):
@@ -260,14 +214,12 @@ def triton_convs_default(device: torch.device) -> bool:
         and importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool | None = None,
-                   subpixel: bool = False) -> nn.Module:
+def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: bool | None = None) -> nn.Module:
     """Swap, in place, the modules that cuDNN or Inductor run slowly for exact equivalents.
 
     3D convolutions with under 8 input channels (3×3×3, stride 1, padding 1) or under 8 output
     channels, nearest upsampling by an integer factor, MONAI's UNet blocks (their forwards without layout
-    changes, :func:`_monai_blocks`; with ``subpixel`` — opt-in until measured on a GPU — its ×2
-    upsampling + convolution as :func:`nearest2x_conv`) and (``group_norm``) GroupNorm: classes above;
+    changes, :func:`_monai_blocks`) and (``group_norm``) GroupNorm: classes above;
     with ``triton_convs`` the 3×3×3 convolutions of ≤ 16 channels run our Triton kernel
     (``engine/triton_conv.py``). ``None`` (the default): :func:`triton_convs_default` for the module's
     device (measured on an H200: 256³ evaluation 44.0 →
@@ -292,7 +244,7 @@ def exact_fast_ops(module: nn.Module, group_norm: bool = True, triton_convs: boo
             m.__class__ = _RepeatUpsample
         elif group_norm and type(m) is nn.GroupNorm:
             m.__class__ = _ChannelStatsGroupNorm
-        elif type(m) in blocks and (type(m).__name__ != "WrappedUpsample" or subpixel and _upsamples_then_convolves(m)):
+        elif type(m) in blocks:
             m.__class__ = blocks[type(m)]
     if triton_convs:
         from .triton_conv import swap_triton_convs
