@@ -46,6 +46,13 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``x``'s memory format: channels-last where ``x`` is that and not also plainly contiguous."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
+    return cl if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl) \
+        else torch.contiguous_format
+
+
 def to_channels_last(module: nn.Module) -> nn.Module:
     """Convolution weights of ``module`` in channels-last layout, in place (2D and 3D)."""
     for m in module.modules():
@@ -129,13 +136,6 @@ class _CatDenseGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return tuple(p.contiguous(memory_format=f) for p, f in zip(g.split(ctx.sizes, 1), ctx.formats))
-
-
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """``x``'s memory format: channels-last where ``x`` is that and not also plainly contiguous."""
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.ndim)
-    return cl if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl) \
-        else torch.contiguous_format
 
 
 @functools.cache
